@@ -1,0 +1,33 @@
+"""Train a stage: `python train.py stage=vqgan data=faceshq` (Hydra; see README and `--help`)."""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import vqtransformer.config  # noqa: F401  (registers the config resolvers)
+
+USER_ERRORS = ("ConfigError", "DataError", "WeightsUnavailableError", "CheckpointError", "TrainingDiverged")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from vqtransformer.training.loop import run_training
+
+    try:
+        metrics = run_training(cfg)
+    except Exception as e:
+        if type(e).__name__ not in USER_ERRORS or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        logging.getLogger("train").error("%s: %s", type(e).__name__, e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("val/loss", None) if metrics else None
+
+
+if __name__ == "__main__":
+    main()

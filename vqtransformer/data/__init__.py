@@ -1,0 +1,90 @@
+"""Datasets from ``cfg.data``: ``shapes`` (embedded default), ``folder``, ``filelist``, ``cifar10``,
+``faceshq`` / ``ffhq`` / ``celebahq``. Every dataset yields dicts with ``image`` in [-1, 1]
+(plus ``class_label`` / ``segmentation`` / ``depth`` where it has them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from torch.utils.data import ConcatDataset, Dataset
+
+from vqtransformer.data.images import DataError, ImagePaths, folder_dataset, list_images, read_file_list
+from vqtransformer.data.shapes import ShapesDataset
+
+__all__ = ["build_datasets", "DataError", "ShapesDataset"]
+
+
+def _common(cfg: DictConfig) -> dict:
+    return {"random_crop": cfg.get("random_crop", True), "flip": cfg.get("flip", True),
+            "max_bad_fraction": cfg.get("max_bad_fraction", 0.01)}
+
+
+def _holdout(paths: list[Path], val_fraction: float, train: bool) -> list[Path]:
+    n_val = max(1, int(round(len(paths) * val_fraction)))
+    return paths[:-n_val] if train else paths[-n_val:]
+
+
+def _faces(cfg: DictConfig, which: str, train: bool) -> ImagePaths:
+    root_key = f"data.{which}_root"
+    root = cfg.get(f"{which}_root") or cfg.get("root")
+    if not root:
+        raise DataError(f"{root_key} is not set; point it at the {which} image directory")
+    list_key = f"{which}_{'train' if train else 'val'}_list"
+    if cfg.get(list_key):
+        paths = read_file_list(Path(cfg[list_key]), Path(root), f"data.{list_key}")
+    else:
+        paths = _holdout(list_images(Path(root), root_key), cfg.get("val_fraction", 0.02), train)
+    return ImagePaths(paths, cfg.resolution, train, **_common(cfg))
+
+
+def build_dataset(cfg: DictConfig, train: bool) -> Dataset:
+    name = cfg.name
+    split = "train" if train else "validation"
+    if name == "shapes":
+        return ShapesDataset(split, cfg.resolution, cfg.train_size if train else cfg.val_size, cfg.seed,
+                             cfg.get("max_objects", 4), flip=train and cfg.get("flip", True))
+    if name == "folder":
+        sub = cfg.get("train_dir" if train else "val_dir")
+        root = Path(cfg.root) / sub if sub else Path(cfg.root)
+        if not sub:  # one directory: deterministic hold-out
+            ds = folder_dataset(root, cfg.resolution, train, **_common(cfg))
+            keep = _holdout(list(range(len(ds))), cfg.get("val_fraction", 0.02), train)
+            ds.paths = [ds.paths[i] for i in keep]
+            if ds.labels is not None:
+                ds.labels = [ds.labels[i] for i in keep]
+            return ds
+        return folder_dataset(root, cfg.resolution, train, key=f"data.{'train' if train else 'val'}_dir", **_common(cfg))
+    if name == "cifar10":
+        root = Path(cfg.root).expanduser()
+        sub = root / ("train" if train else "test")
+        if not sub.is_dir():
+            raise DataError(f"data.root: '{root}' has no '{sub.name}/' folder; point data.root at the extracted "
+                            "CIFAR-10 image folders (train/<class>/*.jpg, test/<class>/*.jpg)")
+        return folder_dataset(sub, cfg.resolution, train, **_common(cfg))
+    if name == "filelist":
+        key = "train_list" if train else "val_list"
+        if not cfg.get(key):
+            raise DataError(f"data.{key} is not set; give a text file with one image path per line")
+        paths = read_file_list(Path(cfg[key]), Path(cfg.root) if cfg.get("root") else None, f"data.{key}")
+        return ImagePaths(paths, cfg.resolution, train, **_common(cfg))
+    if name in ("ffhq", "celebahq"):
+        return _faces(cfg, name, train)
+    if name == "faceshq":
+        return ConcatDataset([_faces(cfg, "celebahq", train), _faces(cfg, "ffhq", train)])
+    if name == "paired_folder":
+        from vqtransformer.data.paired_folder import PairedFolder  # written with the transformer stage
+
+        return PairedFolder.from_config(cfg, train)
+    raise DataError(f"data.name='{name}' is unknown; choose shapes, folder, filelist, cifar10, faceshq, ffhq, celebahq")
+
+
+def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
+    """(train, validation) datasets for ``cfg.data``."""
+    return build_dataset(cfg.data, True), build_dataset(cfg.data, False)
+
+
+def num_classes(dataset: Dataset) -> int:
+    if isinstance(dataset, ConcatDataset):
+        return max(num_classes(d) for d in dataset.datasets)
+    return int(getattr(dataset, "num_classes", 0))

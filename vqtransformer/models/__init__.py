@@ -1,0 +1,1 @@
+"""The stages' models: VQGAN (``vqgan``), GPT prior (``gpt``), VQ-Diffusion denoiser, ViTGAN."""

@@ -1,0 +1,106 @@
+"""Transformer blocks shared by the GPT prior, the VQ-Diffusion denoiser and ViTGAN.
+
+Parameter names follow taming-transformers' ``mingpt`` (``attn.key/query/value/proj``,
+``ln1``, ``ln2``, ``mlp.0``, ``mlp.2``) so released checkpoints map one to one.
+Attention runs through ``F.scaled_dot_product_attention``; autoregressive decoding
+uses a static, preallocated :class:`KVCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: ``[n_layer, B, n_head, max_len, head_dim]``.
+
+    ``length`` is the number of valid positions; attention writes positions
+    ``[length, length + T)`` and reads ``[0, length + T)``. Nothing is reallocated
+    while decoding.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (causal or bidirectional) on SDPA."""
+
+    def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0,
+                 causal: bool = True):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        self.key = nn.Linear(n_embd, n_embd)
+        self.query = nn.Linear(n_embd, n_embd)
+        self.value = nn.Linear(n_embd, n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.resid_drop = nn.Dropout(resid_pdrop)
+        self.attn_pdrop = attn_pdrop
+        self.n_head = n_head
+        self.causal = causal
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        dropout = self.attn_pdrop if self.training else 0.0
+        if cache is not None:
+            start = cache.length
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache overflow: {start + T} positions > max_len={cache.max_len}")
+            cache.k[layer, :B, :, start:start + T] = k
+            cache.v[layer, :B, :, start:start + T] = v
+            k = cache.k[layer, :B, :, : start + T]
+            v = cache.v[layer, :B, :, : start + T]
+            if attn_mask is None and self.causal and T > 1:
+                # query i (absolute start+i) sees keys 0..start+i
+                attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        else:
+            is_causal = self.causal and attn_mask is None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                               is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+def MLP(n_embd: int, resid_pdrop: float = 0.0, mult: int = 4) -> nn.Sequential:
+    """Position-wise feed-forward; indices 0 and 2 are the two Linear layers (taming layout)."""
+    return nn.Sequential(
+        nn.Linear(n_embd, mult * n_embd),
+        nn.GELU(),
+        nn.Linear(mult * n_embd, n_embd),
+        nn.Dropout(resid_pdrop),
+    )
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0,
+                 causal: bool = True):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head, attn_pdrop, resid_pdrop, causal)
+        self.mlp = MLP(n_embd, resid_pdrop)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache=cache, layer=layer, attn_mask=attn_mask)
+        return x + self.mlp(self.ln2(x))

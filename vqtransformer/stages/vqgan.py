@@ -1,0 +1,217 @@
+"""Stage 1: VQGAN. Generator step (L1 + LPIPS + codebook + adaptive GAN term) then
+discriminator step, on the same batch, as in taming's two-optimizer training."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from vqtransformer.losses.gan import D_LOSSES, generator_loss
+from vqtransformer.losses.perceptual import build_lpips
+from vqtransformer.models.vqgan import VQModel, split_taming_state_dict
+from vqtransformer.modules.discriminator import NLayerDiscriminator
+from vqtransformer.stages.base import OptimizerSpec, Stage
+from vqtransformer.training.checkpoint import load, load_module_state
+
+
+def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    delta: float = 1e-4, max_weight: float = 1e4) -> torch.Tensor:
+    """lambda = ||grad_{last} L_rec|| / (||grad_{last} L_GAN|| + delta), clamped to [0, max], no gradient."""
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = torch.norm(nll_grads) / (torch.norm(g_grads) + delta)
+    return torch.clamp(weight, 0.0, max_weight).detach()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) / 2).float()
+
+
+def image_grid(rows: list[torch.Tensor], max_cols: int = 8) -> torch.Tensor:
+    """Rows of image batches in [-1, 1] -> one [3, H, W] grid in [0, 1] (row i = batch i)."""
+    from torchvision.utils import make_grid
+
+    n = min(max_cols, min(r.shape[0] for r in rows))
+    stacked = torch.cat([to_unit(r[:n].detach().cpu()) for r in rows])
+    return make_grid(stacked, nrow=n, padding=1, pad_value=1.0)
+
+
+class VQGANStage(Stage):
+    name = "vqgan"
+
+    def __init__(self, cfg: DictConfig, for_inference: bool = False):
+        super().__init__(cfg, for_inference)
+        fs, lc = cfg.first_stage, cfg.first_stage.loss
+        self.target = cfg.data.get("target", "image")
+        self.image_key = self.target
+        self.num_seg_classes = int(cfg.data.get("num_classes", 0) or 0) + 1 if self.target == "segmentation" else 0
+        channels = {"image": 3, "depth": 1, "segmentation": self.num_seg_classes}[self.target]
+        self.vqgan = VQModel.from_config(fs, cfg.codebook, in_channels=channels)
+        self.discriminator = NLayerDiscriminator(channels, lc.disc_ndf, lc.disc_num_layers)
+        self.perceptual = None
+        if lc.perceptual == "lpips" and self.target == "image" and lc.perceptual_weight > 0 and not for_inference:
+            self.perceptual = build_lpips(lc.lpips_net, lc.get("lpips_weights"), lc.get("lpips_random_backbone", False))
+        elif lc.perceptual not in ("lpips", "none"):
+            raise ValueError(f"first_stage.loss.perceptual must be 'lpips' or 'none', got '{lc.perceptual}'")
+        self.lc = lc
+        self._recs: dict[int, torch.Tensor] = {}
+        if fs.get("pretrained") and not for_inference:
+            self.load_pretrained(fs.pretrained)
+
+    # -- checkpoints of the original project ------------------------------------
+    def load_pretrained(self, path: str) -> None:
+        state = load(path)
+        if "model" in state and isinstance(state["model"], dict) and "vqgan" in state["model"]:
+            self.load_state_dict(state["model"])  # one of ours
+            return
+        model_sd, disc_sd = split_taming_state_dict(state)
+        load_module_state(self.vqgan, model_sd, what=f"first_stage.pretrained={path}", strict=False)
+        missing = [k for k in self.vqgan.state_dict() if k not in model_sd and not k.startswith("quantize.")]
+        if missing:
+            raise ValueError(f"first_stage.pretrained={path} lacks weights {missing[:5]}")
+        if disc_sd:
+            load_module_state(self.discriminator, disc_sd, what=f"discriminator of {path}")
+
+    # -- setup --------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"vqgan": self.vqgan, "discriminator": self.discriminator}
+
+    def learning_rate(self, accelerator) -> float:
+        st = self.cfg.stage
+        if st.get("learning_rate"):
+            return float(st.learning_rate)
+        # taming: lr = accumulate_grad_batches * num_gpus * batch_size * base_lr
+        scale = self.cfg.trainer.grad_accum * accelerator.num_processes * self.cfg.data.batch_size
+        return float(st.base_learning_rate) * (scale if st.get("scale_lr", True) else 1)
+
+    def setup(self, accelerator) -> list[OptimizerSpec]:
+        self.accelerator = accelerator
+        lr, betas = self.learning_rate(accelerator), tuple(self.cfg.stage.betas)
+        self.lr = lr
+        cl = self.cfg.trainer.get("channels_last", True)
+        if cl:
+            self.vqgan.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
+        opt_ae = torch.optim.Adam([p for p in self.vqgan.parameters() if p.requires_grad], lr=lr, betas=betas)
+        opt_disc = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)
+        self.vqgan, self.discriminator, opt_ae, opt_disc = accelerator.prepare(
+            self.vqgan, self.discriminator, opt_ae, opt_disc)
+        if self.perceptual is not None:
+            self.perceptual.to(accelerator.device)
+        clip = self.cfg.trainer.get("grad_clip")
+        return [OptimizerSpec("generator", opt_ae, [self.vqgan], grad_clip=clip),
+                OptimizerSpec("discriminator", opt_disc, [self.discriminator], start_step=self.lc.disc_start,
+                              grad_clip=clip)]
+
+    # -- inputs --------------------------------------------------------------
+    def inputs(self, batch: dict) -> torch.Tensor:
+        x = batch[self.target]
+        if self.target == "segmentation":
+            x = F.one_hot(x.long(), self.num_seg_classes).permute(0, 3, 1, 2).float() * 2 - 1
+        if self.cfg.trainer.get("channels_last", True):
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def reconstruction_loss(self, x: torch.Tensor, xrec: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Per-pixel reconstruction term: L1 (+ LPIPS) for images, cross-entropy for label maps."""
+        if self.target == "segmentation":
+            return F.cross_entropy(xrec.float(), batch["segmentation"].long())
+        rec = self.lc.pixelloss_weight * (x - xrec).abs().mean()
+        if self.perceptual is not None:
+            rec = rec + self.lc.perceptual_weight * self.perceptual(x.contiguous(), xrec.contiguous()).mean()
+        return rec
+
+    # -- training ----------------------------------------------------------
+    def training_step(self, batch: dict, step: int, opt_idx: int):
+        x = self.inputs(batch)
+        if opt_idx == 0:
+            xrec, qloss, info = self.vqgan(x)
+            nll = self.reconstruction_loss(x, xrec, batch)
+            loss = nll + self.lc.codebook_weight * qloss
+            logs = {"loss/rec": nll.item(), "loss/codebook": qloss.item(), "codebook/perplexity": info["perplexity"].item()}
+            if step >= self.lc.disc_start:
+                disc = self.unwrap(self.discriminator)  # no DDP hooks: D gets no grads here
+                disc.requires_grad_(False)
+                g_loss = generator_loss(disc(xrec), self.lc.disc_loss)
+                disc.requires_grad_(True)
+                last = self.unwrap(self.vqgan).get_last_layer()
+                d_weight = adaptive_weight(nll, g_loss, last) * self.lc.disc_weight
+                loss = loss + d_weight * self.lc.disc_factor * g_loss
+                logs.update({"loss/g": g_loss.item(), "loss/d_weight": d_weight.item()})
+                self._recs[x.data_ptr()] = xrec.detach()
+            logs["loss/total"] = loss.item()
+            usage, dead = self.unwrap(self.vqgan).quantize.usage()
+            logs.update({"codebook/usage": usage, "codebook/dead": dead})
+            return loss, logs
+        xrec = self._recs.pop(x.data_ptr(), None)
+        if xrec is None:
+            with torch.no_grad():
+                xrec = self.vqgan(x)[0]
+        logits_real = self.discriminator(x.detach())
+        logits_fake = self.discriminator(xrec.detach())
+        d_loss = self.lc.disc_factor * D_LOSSES[self.lc.disc_loss](logits_real, logits_fake)
+        return d_loss, {"loss/disc": d_loss.item(), "disc/logits_real": logits_real.mean().item(),
+                        "disc/logits_fake": logits_fake.mean().item()}
+
+    def after_step(self, step: int) -> None:
+        self._recs.clear()
+
+    # -- validation -----------------------------------------------------------
+    def _reconstruct(self, batch: dict):
+        model = self.unwrap(self.vqgan)
+        x = self.inputs(batch).to(next(model.parameters()).device)
+        xrec, qloss, info = model(x)
+        return x, xrec, qloss, info
+
+    def validate(self, batch: dict) -> dict[str, float]:
+        x, xrec, qloss, info = self._reconstruct(batch)
+        counts = info["counts"].cpu()
+        self._val_counts = counts if getattr(self, "_val_counts", None) is None else self._val_counts + counts
+        out = {"val/loss_codebook": qloss.item()}
+        if self.target == "segmentation":
+            out["val/ce"] = F.cross_entropy(xrec.float(), batch["segmentation"].to(xrec.device).long()).item()
+            out["val/pixel_acc"] = (xrec.argmax(1).cpu() == batch["segmentation"]).float().mean().item()
+        else:
+            out["val/l1"] = (x - xrec).abs().mean().item()
+            out["val/psnr"] = psnr(xrec.float(), x.float()).mean().item()
+        return out
+
+    def validation_end(self) -> dict[str, float]:
+        from vqtransformer.modules.quantize import perplexity
+
+        counts, self._val_counts = getattr(self, "_val_counts", None), None
+        if counts is None:
+            return {}
+        return {"val/codebook_usage": float((counts > 0).float().mean()), "val/perplexity": float(perplexity(counts))}
+
+    def validation_images(self, batch: dict) -> dict[str, torch.Tensor]:
+        x, xrec, _, _ = self._reconstruct(batch)
+        if self.target == "segmentation":
+            x, xrec = self.colorize(x.argmax(1)), self.colorize(xrec.argmax(1))
+        elif x.shape[1] == 1:
+            x, xrec = x.repeat(1, 3, 1, 1), xrec.repeat(1, 3, 1, 1)
+        return {"reconstructions": image_grid([x, xrec])}  # inputs above, reconstructions below
+
+    def colorize(self, labels: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        palette = torch.rand(self.num_seg_classes, 3, generator=g) * 2 - 1
+        palette[0] = -1
+        return palette[labels.cpu()].permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unwrap(self.vqgan)(x)[0]
+
+    @staticmethod
+    def finite(value: float) -> bool:
+        return math.isfinite(value)
