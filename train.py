@@ -7,6 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 import vqtransformer.config  # noqa: F401  (registers the config resolvers)
+import vqtransformer.tracking.sweep  # noqa: F401  (the sweep callback's ${vqt.on_rank_zero:} resolver)
 
 USER_ERRORS = ("ConfigError", "DataError", "WeightsUnavailableError", "CheckpointError", "TrainingDiverged")
 
@@ -29,5 +30,15 @@ def main(cfg: DictConfig):
     return metrics.get("val/loss", None) if metrics else None
 
 
+def _quiet_non_zero_ranks() -> None:
+    """Under torchrun / accelerate launch only global rank 0 writes Hydra's outputs and logs."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                     "hydra.run.dir=."]
+
+
 if __name__ == "__main__":
+    _quiet_non_zero_ranks()
     main()

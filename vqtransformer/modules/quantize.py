@@ -175,7 +175,8 @@ class VectorQuantizer(nn.Module):
     def usage(self) -> tuple[float, int]:
         """(fraction of codes used in the last ``usage_window`` training steps, dead codes by ``dead_after``)."""
         age = self.step - self.last_used
-        return float((age < self.usage_window).float().mean()), int((age > self.dead_after).sum())
+        used = (age < self.usage_window) & (self.last_used > 0)  # last_used 0: never used since creation
+        return float(used.float().mean()), int((age > self.dead_after).sum())
 
     def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
         """Codes for ``indices`` [B, h, w] (or flat with ``shape=(B, h, w)``) as [B, D, h, w]."""

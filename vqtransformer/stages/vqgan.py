@@ -148,15 +148,18 @@ class VQGANStage(Stage):
                 d_weight = adaptive_weight(nll, g_loss, last) * self.lc.disc_weight
                 loss = loss + d_weight * self.lc.disc_factor * g_loss
                 logs.update({"loss/g": g_loss.item(), "loss/d_weight": d_weight.item()})
-                self._recs[x.data_ptr()] = xrec.detach()
+                self._recs[id(batch)] = xrec.detach()  # the loop passes the same batch to the D step
             logs["loss/total"] = loss.item()
             usage, dead = self.unwrap(self.vqgan).quantize.usage()
             logs.update({"codebook/usage": usage, "codebook/dead": dead})
             return loss, logs
-        xrec = self._recs.pop(x.data_ptr(), None)
-        if xrec is None:
+        xrec = self._recs.pop(id(batch), None)
+        if xrec is None:  # D step without a generator step on this batch: reconstruct without side effects
+            model = self.unwrap(self.vqgan)
+            model.eval()
             with torch.no_grad():
-                xrec = self.vqgan(x)[0]
+                xrec = model(x)[0]
+            model.train()
         logits_real = self.discriminator(x.detach())
         logits_fake = self.discriminator(xrec.detach())
         d_loss = self.lc.disc_factor * D_LOSSES[self.lc.disc_loss](logits_real, logits_fake)

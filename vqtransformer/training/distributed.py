@@ -27,10 +27,14 @@ def _first_host(nodelist: str) -> str:
 def setup_from_slurm() -> bool:
     """Export torch.distributed variables from Slurm's when the job has several tasks.
 
-    Returns True when a multi-process world was described by Slurm.
+    Also covers submitit's local executor (``hydra/launcher=submitit_local``, ``tasks_per_node > 1``),
+    which describes its tasks with ``SUBMITIT_LOCAL_*``. Returns True when a multi-process world was
+    described by Slurm or submitit.
     """
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    if "RANK" in os.environ:
         return False
+    if "SLURM_PROCID" not in os.environ:
+        return _setup_from_submitit_local()
     ntasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")))
     if ntasks <= 1:
         return False
@@ -43,6 +47,35 @@ def setup_from_slurm() -> bool:
     job = int(os.environ.get("SLURM_JOB_ID", "0"))
     os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))
     return True
+
+
+def _setup_from_submitit_local() -> bool:
+    ntasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"))
+    if os.environ.get("SUBMITIT_EXECUTOR") != "local" or ntasks <= 1:
+        return False
+    os.environ["RANK"] = os.environ["SUBMITIT_LOCAL_GLOBALID"]
+    os.environ["WORLD_SIZE"] = str(ntasks)
+    os.environ["LOCAL_RANK"] = os.environ.get("SUBMITIT_LOCAL_LOCALID", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(ntasks))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # the job id is the pid of submitit's controller: the same for every task of the job
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SUBMITIT_LOCAL_JOB_ID", "0")) % 20000))
+    return True
+
+
+def global_rank() -> int:
+    """This process's rank in a multi-process job, 0 when alone; readable before torch.distributed starts.
+
+    ``RANK`` (torchrun, accelerate, or set by ``setup_from_slurm``), else ``SLURM_PROCID`` of a
+    multi-task Slurm job, else submitit's local task id.
+    """
+    if os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    if os.environ.get("SLURM_PROCID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ["SLURM_PROCID"])
+    if os.environ.get("SUBMITIT_LOCAL_GLOBALID") and int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")) > 1:
+        return int(os.environ["SUBMITIT_LOCAL_GLOBALID"])
+    return 0
 
 
 def world_size() -> int:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,16 @@ class _Preemption:
         raise SystemExit(0)
 
 
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def output_dir(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -94,20 +105,21 @@ def hydra_overrides() -> list[str]:
 
 def make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
     tc = cfg.trainer
     want = tc.get("accelerator", "auto")
     cpu = want == "cpu" or (want == "auto" and not torch.cuda.is_available())
     if want == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer=cpu")
-    return Accelerator(cpu=cpu, mixed_precision=tc.mixed_precision,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False,
-                                                                      broadcast_buffers=False)])
+    return Accelerator(cpu=cpu, mixed_precision=tc.mixed_precision)
 
 
 def find_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
     resume = cfg.trainer.get("resume", False)
+    if resume in (False, None, "false", "False") and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        log.info("requeued Slurm job (SLURM_RESTART_COUNT=%s): resuming from %s", os.environ["SLURM_RESTART_COUNT"],
+                 out_dir)
+        resume = True  # preempted / timed out / node failure: carry on in the same run directory and MLflow run
     if resume in (False, None, "false", "False"):
         return None
     if resume in (True, "true", "True", "auto"):
@@ -135,7 +147,8 @@ class InfiniteLoader:
         workers = cfg.data.num_workers
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
                                  drop_last=True, pin_memory=pin, persistent_workers=False,
-                                 prefetch_factor=4 if workers > 0 else None)
+                                 prefetch_factor=4 if workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(cfg.trainer.seed + rank))
         self.epoch, self.batches = 0, 0
         self._it = None
 
@@ -174,6 +187,12 @@ def open_tracker(cfg: DictConfig, accelerator, out_dir: Path, resume_run_id: str
                      ("VQT_JOB_NUM", "vqt.job_num")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):  # the id squeue / scancel / submitit's folders show: ARRAYJOB_TASK
+        tags["vqt.slurm_job_id"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":  # a sweep's job: its number
+        tags["vqt.job_num"] = HydraConfig.get().job.num
     run_id = tracker.start(cfg.logger.get("run_name"), tags, run_id=resume_run_id)
     if run_id and not resume_run_id:
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
@@ -188,6 +207,13 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     tc = cfg.trainer
     is_main = accelerator.is_main_process
     out_dir = output_dir(cfg)
+    if accelerator.num_processes > 1:  # every rank uses rank 0's run directory
+        from accelerate.utils import broadcast_object_list
+
+        out_dir = Path(broadcast_object_list([str(out_dir)])[0])
+    if accelerator.num_processes > 1:
+        print(f"[vqtransformer] rank {accelerator.process_index}/{accelerator.num_processes}: training in {out_dir}",
+              file=sys.stderr, flush=True)
     ckpt_dir = out_dir / "checkpoints"
     torch.manual_seed(tc.seed + accelerator.process_index)
 
@@ -213,15 +239,18 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
                 spec.scheduler.load_state_dict(sch_state)
         start_step = int(state["step"])
         loader.restore(state["data"])
-        if is_main:
-            ckpt_io.set_rng_state(state["rng"])
-        else:
-            torch.manual_seed(tc.seed + accelerator.process_index + start_step)
         log.info("resumed from %s at step %d", resume_path, start_step)
 
     tracker = open_tracker(cfg, accelerator, out_dir, state.get("mlflow_run_id") if state else None)
+    # the loop's randomness starts here, independent of what building and tracking drew
+    if state is not None and is_main:
+        ckpt_io.set_rng_state(state["rng"])
+    else:
+        seed_everything(tc.seed * 1000 + accelerator.process_index + start_step)
     preempt = _Preemption()
-    val_loader = DataLoader(val_ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0)
+    # own generators: creating a loader iterator must not draw from the global RNG (resume equality)
+    val_loader = DataLoader(val_ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=0,
+                            generator=torch.Generator())
     accum = tc.grad_accum
     last_val: dict[str, float] = {}
     status = "FAILED"
@@ -237,6 +266,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "step": step, "data": loader.state(), "rng": ckpt_io.rng_state(), "mlflow_run_id": tracker.run_id,
         }, ckpt_dir / ckpt_io.LAST)
         tracker.set_tags({"vqt.checkpoint": str(path), "vqt.checkpoint_step": step})
+        tracker.flush()  # a job killed later resumes from here: the metrics up to here must be in MLflow
         return path
 
     def validate(step: int) -> dict[str, float]:
