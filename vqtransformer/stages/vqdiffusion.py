@@ -1,0 +1,131 @@
+"""``vqdiffusion`` stage: discrete diffusion over the codes of a frozen VQGAN (Gu et al. 2022).
+
+Images are encoded to code indices by the frozen first stage (``first_stage.ckpt``); the
+denoiser learns p(x_0 | x_t) under the mask-and-replace process of ``cfg.diffusion`` with
+the VLB + auxiliary loss; samples are decoded back to images.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import make_grid
+
+from vqtransformer.config import ConfigError
+from vqtransformer.losses.diffusion import DiffusionLoss
+from vqtransformer.models.vqdiffusion import VQDiffusionTransformer
+from vqtransformer.modules.diffusion import MaskAndReplace
+from vqtransformer.sampling.diffusion import sample_tokens
+from vqtransformer.stages.base import OptimizerSpec, Stage
+
+
+class VQDiffusionStage(Stage):
+    name = "vqdiffusion"
+
+    def __init__(self, cfg: DictConfig, for_inference: bool = False, first_stage: nn.Module | None = None):
+        """``first_stage`` (a ``VQModel``) overrides loading ``cfg.first_stage`` (tests)."""
+        super().__init__(cfg, for_inference)
+        if first_stage is None:
+            from vqtransformer.training.checkpoint import load_first_stage
+
+            first_stage = load_first_stage(cfg.first_stage)
+        self.first_stage = first_stage.eval().requires_grad_(False)
+        K = int(first_stage.quantize.n_embed)
+        res, f = int(cfg.data.resolution), int(first_stage.downsample_factor)
+        if res % f:
+            raise ConfigError(f"data.resolution={res} is not a multiple of the first stage's downsampling factor {f}")
+        grid = (res // f, res // f)
+        d, st = cfg.diffusion, cfg.stage
+        self.diffusion = MaskAndReplace(K, d.num_timesteps, d.mask_final, d.replace_final)
+        self.denoiser = VQDiffusionTransformer.from_config(cfg, K, grid)
+        self.loss = DiffusionLoss(d.num_timesteps, st.aux_weight, st.get("adaptive_aux", False),
+                                  st.get("importance_sampling", True), st.get("importance_min_count", 10))
+        self.class_conditional = self.denoiser.num_classes > 0
+        self.p_uncond = float(OmegaConf.select(cfg, "conditioning.p_uncond", default=0.1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion.alpha_bar.device
+
+    # -- training ---------------------------------------------------------------
+    def setup(self, accelerator) -> list[OptimizerSpec]:
+        self.accelerator = accelerator
+        st = self.cfg.stage
+        for m in (self.first_stage, self.diffusion, self.loss):
+            m.to(accelerator.device)
+        opt = torch.optim.AdamW(self.denoiser.parameters(), lr=st.lr, betas=tuple(st.betas),
+                                weight_decay=st.weight_decay)
+        warmup = max(int(st.get("warmup_steps", 0)), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        self.denoiser, opt = accelerator.prepare(self.denoiser, opt)
+        return [OptimizerSpec("denoiser", opt, [self.denoiser], sched, grad_clip=st.get("grad_clip"))]
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        # "loss" has no parameters, only the L_t^2 history buffers of importance sampling (checkpointed)
+        return {"denoiser": self.denoiser, "loss": self.loss}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> code indices [B, h*w]."""
+        return self.first_stage.encode_to_indices(images.to(self.device)).flatten(1)
+
+    def _labels(self, batch: dict, drop: bool) -> torch.Tensor | None:
+        if not self.class_conditional:
+            return None
+        y = batch["class_label"].to(self.device).long()
+        if drop:  # classifier-free guidance: the learned null class with probability p_uncond
+            null = torch.rand(y.shape, device=y.device) < self.p_uncond
+            y = y.masked_fill(null, self.denoiser_module.null_class)
+        return y
+
+    @property
+    def denoiser_module(self) -> VQDiffusionTransformer:
+        return self.unwrap(self.denoiser)
+
+    def training_step(self, batch: dict, step: int, opt_idx: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = self.encode(batch[self.image_key])
+        return self.loss(self.denoiser, self.diffusion, x0, self._labels(batch, drop=True))
+
+    # -- validation / sampling ----------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, batch: dict) -> dict[str, float]:
+        x0 = self.encode(batch[self.image_key])
+        vlb = self.loss.vlb(self.denoiser_module, self.diffusion, x0, self._labels(batch, drop=False))
+        return {"val/vlb": vlb.item()}
+
+    def validation_images(self, batch: dict) -> dict[str, torch.Tensor]:
+        st = self.cfg.stage
+        n = min(int(st.get("val_samples", 16)), batch[self.image_key].shape[0])
+        y = batch["class_label"][:n] if self.class_conditional else None
+        seed = int(OmegaConf.select(self.cfg, "trainer.seed", default=0) or 0)
+        images = self.sample(n, y, steps=st.sample_steps, sampler=st.get("sampler", "standard"), seed=seed)
+        return {"samples": make_grid((images + 1) / 2, nrow=math.ceil(math.sqrt(n)))}
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Any = None, steps: int = 25, truncation_rate: float | None = None,
+               cfg_scale: float | None = None, sampler: str = "standard", seed: int = 0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images [n, 3, H, W] in [-1, 1]; ``condition``: class ids (int, list or tensor [n]) or None
+        (the null class for a class-conditional model). Defaults: ``stage.truncation_rate``, ``stage.cfg_scale``."""
+        st = self.cfg.stage
+        truncation_rate = st.truncation_rate if truncation_rate is None else truncation_rate
+        cfg_scale = st.cfg_scale if cfg_scale is None else cfg_scale
+        y = None
+        if condition is not None:
+            if not self.class_conditional:
+                raise ConfigError("this vqdiffusion model is unconditional (conditioning.type=none): pass condition=None")
+            y = torch.as_tensor(condition, device=self.device).long().reshape(-1).expand(n)
+        if generator is None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        denoiser = self.denoiser_module
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            idx = sample_tokens(denoiser, self.diffusion, n, y, steps, truncation_rate, cfg_scale, sampler, generator)
+        finally:
+            denoiser.train(was_training)
+        return self.first_stage.decode_indices(idx).clamp(-1, 1)
