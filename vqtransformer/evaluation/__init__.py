@@ -1,0 +1,215 @@
+"""Evaluation under one fixed protocol (``docs/evaluation.md``): :func:`evaluate_stage` scores a loaded
+stage and returns a JSON-able summary; ``evaluate.py`` adds checkpoints, MLflow and sweeps.
+
+First stage (``vqgan``): rFID, LPIPS, PSNR, SSIM, MS-SSIM, L1 and codebook usage / perplexity /
+dead codes on the real split. Generators: FID, IS, KID of ``eval.num_samples`` samples against
+the real split, plus the transformer's validation NLL / bits per dim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from vqtransformer.evaluation import generative, reconstruction, stats_cache
+from vqtransformer.evaluation.features import build_feature_network, build_lpips, extract_features
+from vqtransformer.evaluation.protocol import (
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_NUM_SAMPLES_SHAPES,
+    RECONSTRUCTION_STAGES,
+    EvaluationError,
+    Protocol,
+    check_covariance_rank,
+    metric_key,
+    metrics_for_stage,
+    to_uint8,
+)
+
+__all__ = ["EvaluationError", "evaluate_stage", "write_summary", "prepare_stage", "format_table", "Protocol"]
+
+log = logging.getLogger(__name__)
+
+_FEATURE_NEEDS = {"fid", "rfid", "is", "kid"}
+
+
+def prepare_stage(stage, device: torch.device):
+    """Move every module of the stage to ``device`` and switch to eval mode."""
+    if hasattr(stage, "to"):
+        stage.to(device)
+    else:
+        for v in vars(stage).values():
+            if isinstance(v, nn.Module):
+                v.to(device)
+    for v in vars(stage).values():
+        if isinstance(v, nn.Module):
+            v.eval()
+    stage.train(False)
+    return stage
+
+
+def eval_data_config(cfg: DictConfig, ev: DictConfig) -> DictConfig:
+    """The run's ``data`` config with deterministic loading (no random crop / flip) and ``eval.data`` overrides."""
+    data = OmegaConf.merge(cfg.data, {"random_crop": False, "flip": False}, ev.get("data") or {})
+    return data
+
+
+def _loader(dataset, ev: DictConfig, data_cfg: DictConfig) -> DataLoader:
+    workers = ev.get("num_workers")
+    workers = int(data_cfg.get("num_workers", 0) if workers is None else workers)
+    return DataLoader(dataset, batch_size=int(ev.batch_size), shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def _num_classes(cfg: DictConfig, stage, dataset) -> int | None:
+    """Classes to balance samples over, when the stage is class-conditional."""
+    ctype = OmegaConf.select(stage.cfg, "conditioning.type") or OmegaConf.select(cfg, "stage.conditioning.type")
+    if ctype != "class":
+        return None
+    from vqtransformer.data import num_classes
+
+    n = (OmegaConf.select(stage.cfg, "conditioning.num_classes") or OmegaConf.select(cfg, "data.num_classes")
+         or num_classes(dataset))
+    if not n:
+        raise EvaluationError("class-conditional stage but the number of classes is unknown; set "
+                              "conditioning.num_classes (or data.num_classes)")
+    return int(n)
+
+
+def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device, out_dir: Path) -> dict:
+    """Score ``stage`` (built from the run config ``cfg``) under the protocol in ``ev`` (``eval.*``).
+
+    Everything that can fail on bad input (metrics, weights, sample counts) is checked before
+    the long passes. Artifacts (the code histogram) go to ``out_dir``; :func:`write_summary` writes the JSON.
+    """
+    from vqtransformer.data import build_dataset
+
+    stage_name = str(OmegaConf.select(cfg, "stage.name") or stage.name)
+    requested = ev.get("metrics")
+    if isinstance(requested, str):
+        requested = [requested]
+    metrics = metrics_for_stage(stage_name, list(requested) if requested else None)
+    if "nll" in metrics and not hasattr(stage, "nll"):
+        raise EvaluationError(f"stage '{stage_name}' has no nll(batch) method, needed for eval.metrics 'nll'; "
+                              "drop it (e.g. eval.metrics=[fid,is,kid])")
+    recon = stage_name in RECONSTRUCTION_STAGES
+    if str(cfg.data.get("target", "image")) != "image":
+        raise EvaluationError(f"data.target={cfg.data.target}: the protocol scores image models only")
+    # weights first: a missing file stops us before any sampling
+    net = (build_feature_network(str(ev.feature_network), ev.get("feature_weights"), bool(ev.download))
+           if _FEATURE_NEEDS & set(metrics) else None)
+    lpips = build_lpips(str(ev.lpips_net), ev.get("lpips_weights"), bool(ev.download)) if "lpips" in metrics else None
+
+    data_cfg = eval_data_config(cfg, ev)
+    split = str(ev.split)
+    if split not in ("train", "val"):
+        raise EvaluationError(f"eval.split={split}: choose 'train' or 'val'")
+    dataset = build_dataset(data_cfg, split == "train")
+    if ev.get("num_real"):
+        dataset = Subset(dataset, range(min(int(ev.num_real), len(dataset))))
+    n_real, resolution = len(dataset), int(data_cfg.resolution)
+    n_samples = n_real if recon else int(ev.num_samples or (
+        DEFAULT_NUM_SAMPLES_SHAPES if data_cfg.name == "shapes" else DEFAULT_NUM_SAMPLES))
+    protocol = Protocol(split=split, num_samples=n_samples, num_real=n_real, seed=int(ev.seed),
+                        feature_network=net.identity if net else "none", is_splits=int(ev.is_splits),
+                        kid_subsets=int(ev.kid_subsets), kid_subset_size=int(ev.kid_subset_size))
+    notes: list[str] = []
+    if {"fid", "rfid"} & set(metrics):
+        checks = [(n_real, f"real images ({split} split)", "Use a larger split (or eval.num_real=null).")]
+        if not recon:
+            checks.append((n_samples, "generated samples", f"Set eval.num_samples>={net.num_features + 1}."))
+        for n, what, fix in checks:
+            warning = check_covariance_rank(n, net.num_features, what, str(ev.small_n), fix)
+            if warning:
+                log.warning(warning)
+                notes.append("UNSTABLE FID: " + warning)
+    if "is" in metrics and net.num_logits == 0:
+        raise EvaluationError(f"eval.metrics asks for 'is' but feature network '{net.name}' has no class logits")
+
+    loader = _loader(dataset, ev, data_cfg)
+    values: dict[str, float] = {}
+    artifacts: list[str] = []
+    real_feats, cache_info = None, None
+    if {"fid", "rfid", "kid"} & set(metrics):
+        key = stats_cache.stats_key(OmegaConf.to_container(data_cfg, resolve=True), split, resolution, n_real,
+                                    net.identity)
+        path = stats_cache.stats_path(key)
+
+        def compute():
+            return extract_features(net, (to_uint8(b["image"]) for b in loader), device, n_real,
+                                    f"real features ({split})")[0]
+
+        real_feats, hit = stats_cache.load_or_compute(key, compute)
+        cache_info = {"path": str(path), "hit": hit}
+        log.info("real statistics %s: %s", "loaded from" if hit else "computed and cached at", path)
+
+    prepare_stage(stage, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if recon:
+        vq = reconstruction.find_vqmodel(stage)
+        pix, counts, rec_feats = reconstruction.reconstruct(
+            vq, loader, device, metrics, lpips, net if "rfid" in metrics else None, len(loader))
+        values.update(pix)
+        if "rfid" in metrics:
+            values["rfid"] = generative.fid(real_feats.to(device), rec_feats.to(device))
+        if "codebook" in metrics:
+            values.update(reconstruction.codebook_stats(counts))
+            hist = reconstruction.plot_code_histogram(counts, out_dir / "code_histogram.png",
+                                                      f"code frequencies over the {split} split ({n_real} images)")
+            artifacts.append(str(hist))
+        if "ms_ssim" in metrics and "ms_ssim" not in values:
+            notes.append(f"ms_ssim skipped: needs images larger than "
+                         f"{(reconstruction.SSIM_KERNEL - 1) * 2 ** (len(reconstruction.MS_SSIM_BETAS) - 1)} px "
+                         f"(these are {resolution} px)")
+    else:
+        if {"fid", "is", "kid"} & set(metrics):
+            n_cls = _num_classes(cfg, stage, dataset)
+            bs = int(ev.get("sample_batch_size") or ev.batch_size)
+            fake, fake_logits = extract_features(
+                net, generative.generate_uint8(stage, n_samples, bs, int(ev.seed), n_cls), device, n_samples,
+                f"samples{' (class-balanced)' if n_cls else ''}")
+            gen, gen_notes = generative.generator_metrics(real_feats, fake, fake_logits, metrics, int(ev.is_splits),
+                                                          int(ev.kid_subsets), int(ev.kid_subset_size), int(ev.seed),
+                                                          device)
+            values.update(gen)
+            notes += gen_notes
+        if "nll" in metrics:
+            val = dataset if split == "val" else build_dataset(data_cfg, False)
+            values.update(generative.transformer_nll(stage, _loader(val, ev, data_cfg), device, resolution * resolution))
+
+    return {
+        "stage": stage_name,
+        "feature_network": net.name if net else None,
+        "feature_network_identity": net.identity if net else None,
+        "comparable_to_published": net is None or net.name == "inception",
+        "protocol": protocol.as_dict(), "protocol_id": protocol.id(),
+        "metrics": {metric_key(k, net.name if net else "inception"): v for k, v in values.items()},
+        "notes": notes, "real_stats": cache_info, "artifacts": artifacts,
+    }
+
+
+def write_summary(summary: dict, out_dir: Path) -> Path:
+    """``summary.json`` (``summary-<network>.json`` for a non-Inception feature network) in ``out_dir``."""
+    net = summary.get("feature_network")
+    path = Path(out_dir) / ("summary.json" if net in (None, "inception") else f"summary-{net}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
+def format_table(summary: dict, title: str = "") -> str:
+    """The printed result: one metric per line, with the feature network named."""
+    net = summary.get("feature_network")
+    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in summary["metrics"].items()]
+    w = max([len(k) for k, _ in rows] + [6])
+    head = [title] if title else []
+    head.append(f"stage={summary['stage']}  feature_network={net}  protocol={summary['protocol_id']}")
+    if net and net != "inception":
+        head.append(f"NOTE: numbers from '{net}' features are not comparable to published (Inception) ones")
+    lines = head + [f"  {k:<{w}}  {v}" for k, v in rows] + [f"  ! {n}" for n in summary.get("notes", [])]
+    return "\n".join(lines)
