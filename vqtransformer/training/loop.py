@@ -175,6 +175,38 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def train_step(stage, specs, batches: list[dict], step: int, accelerator, last_ckpt: Path | None = None) -> dict:
+    """One optimizer step of every active optimizer, in order, over ``len(batches)`` micro-batches."""
+    accum = len(batches)
+    logs: dict[str, float] = {}
+    for idx, spec in enumerate(specs):
+        if step < spec.start_step:
+            continue
+        for k, batch in enumerate(batches):
+            with contextlib.ExitStack() as stack:
+                if k < accum - 1:  # no gradient all-reduce until the last micro-batch
+                    for m in spec.modules:
+                        stack.enter_context(accelerator.no_sync(m))
+                with accelerator.autocast():
+                    loss, step_logs = stage.training_step(batch, step, idx)
+                if not torch.isfinite(loss.detach()).all():
+                    raise TrainingDiverged(
+                        f"non-finite {spec.name} loss at step {step} ({step_logs}); stopping. The last good "
+                        f"checkpoint is {last_ckpt}; lower the learning rate or set trainer.grad_clip")
+                accelerator.backward(loss / accum)
+            for key, v in step_logs.items():
+                logs[key] = logs.get(key, 0.0) + v / accum
+        if spec.grad_clip:
+            accelerator.clip_grad_norm_(spec.parameters(), spec.grad_clip)
+        spec.optimizer.step()
+        if spec.scheduler is not None:
+            spec.scheduler.step()
+        spec.optimizer.zero_grad(set_to_none=True)
+    if hasattr(stage, "after_step"):
+        stage.after_step(step)
+    return logs
+
+
 def open_tracker(cfg: DictConfig, accelerator, out_dir: Path, resume_run_id: str | None):
     from vqtransformer.tracking import NullTracker, Tracker, flatten
 
@@ -302,33 +334,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         step = start_step
         while step < tc.max_steps:
             batches = [to_device(next(loader), accelerator.device) for _ in range(accum)]
-            logs: dict[str, float] = {}
-            for idx, spec in enumerate(specs):
-                if step < spec.start_step:
-                    continue
-                for k, batch in enumerate(batches):
-                    with contextlib.ExitStack() as stack:
-                        if k < accum - 1:
-                            for m in spec.modules:
-                                stack.enter_context(accelerator.no_sync(m))
-                        with accelerator.autocast():
-                            loss, step_logs = stage.training_step(batch, step, idx)
-                        if not torch.isfinite(loss.detach()).all():
-                            raise TrainingDiverged(
-                                f"non-finite {spec.name} loss at step {step} ({step_logs}); stopping. The last good "
-                                f"checkpoint is {ckpt_dir / ckpt_io.LAST}; lower the learning rate or enable "
-                                f"trainer.grad_clip")
-                        accelerator.backward(loss / accum)
-                    for key, v in step_logs.items():
-                        logs[key] = logs.get(key, 0.0) + v / accum
-                if spec.grad_clip:
-                    accelerator.clip_grad_norm_(spec.parameters(), spec.grad_clip)
-                spec.optimizer.step()
-                if spec.scheduler is not None:
-                    spec.scheduler.step()
-                spec.optimizer.zero_grad(set_to_none=True)
-            if hasattr(stage, "after_step"):
-                stage.after_step(step)
+            logs = train_step(stage, specs, batches, step, accelerator, ckpt_dir / ckpt_io.LAST)
             step += 1
             steps_timed += 1
             bar.update(1)
