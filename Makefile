@@ -26,7 +26,7 @@ train: install
 
 ## The test suite (fast + end-to-end; slurm tests run when a cluster is reachable).
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 ## Everything, including tests marked slow.
 test-all: install
