@@ -107,7 +107,7 @@ class VQGANStage(Stage):
         self.vqgan, self.discriminator, opt_ae, opt_disc = accelerator.prepare(
             self.vqgan, self.discriminator, opt_ae, opt_disc)
         if self.perceptual is not None:
-            self.perceptual.to(accelerator.device)
+            self.perceptual.to(accelerator.device, memory_format=torch.channels_last if cl else torch.preserve_format)
         clip = self.cfg.trainer.get("grad_clip")
         return [OptimizerSpec("generator", opt_ae, [self.vqgan], grad_clip=clip),
                 OptimizerSpec("discriminator", opt_disc, [self.discriminator], start_step=self.lc.disc_start,
@@ -128,7 +128,7 @@ class VQGANStage(Stage):
             return F.cross_entropy(xrec.float(), batch["segmentation"].long())
         rec = self.lc.pixelloss_weight * (x - xrec).abs().mean()
         if self.perceptual is not None:
-            rec = rec + self.lc.perceptual_weight * self.perceptual(x.contiguous(), xrec.contiguous()).mean()
+            rec = rec + self.lc.perceptual_weight * self.perceptual(x, xrec).mean()
         return rec
 
     # -- training ----------------------------------------------------------
@@ -140,14 +140,8 @@ class VQGANStage(Stage):
             loss = nll + self.lc.codebook_weight * qloss
             logs = {"loss/rec": nll.item(), "loss/codebook": qloss.item(), "codebook/perplexity": info["perplexity"].item()}
             if step >= self.lc.disc_start:
-                disc = self.unwrap(self.discriminator)  # no DDP hooks: D gets no grads here
-                disc.requires_grad_(False)
-                g_loss = generator_loss(disc(xrec), self.lc.disc_loss)
-                disc.requires_grad_(True)
-                last = self.unwrap(self.vqgan).get_last_layer()
-                d_weight = adaptive_weight(nll, g_loss, last) * self.lc.disc_weight
-                loss = loss + d_weight * self.lc.disc_factor * g_loss
-                logs.update({"loss/g": g_loss.item(), "loss/d_weight": d_weight.item()})
+                loss, gan_logs = self.generator_gan_loss(nll, qloss, xrec)
+                logs.update(gan_logs)
                 self._recs[id(batch)] = xrec.detach()  # the loop passes the same batch to the D step
             logs["loss/total"] = loss.item()
             usage, dead = self.unwrap(self.vqgan).quantize.usage()
@@ -165,6 +159,31 @@ class VQGANStage(Stage):
         d_loss = self.lc.disc_factor * D_LOSSES[self.lc.disc_loss](logits_real, logits_fake)
         return d_loss, {"loss/disc": d_loss.item(), "disc/logits_real": logits_real.mean().item(),
                         "disc/logits_fake": logits_fake.mean().item()}
+
+    def generator_gan_loss(self, nll: torch.Tensor, qloss: torch.Tensor, xrec: torch.Tensor):
+        """L = nll + lambda * disc_factor * L_GAN + codebook_weight * L_codebook, with the adaptive lambda.
+
+        Returned as a surrogate with the same parameter gradients: the gradients of nll and L_GAN
+        with respect to the decoder output are computed once; lambda needs their images at the
+        decoder's last layer (one conv weight-gradient each), and the backward pass then reuses
+        them, so LPIPS and the discriminator are back-propagated once instead of twice.
+        """
+        disc = self.unwrap(self.discriminator)  # no DDP hooks: D gets no grads here
+        disc.requires_grad_(False)
+        g_loss = generator_loss(disc(xrec), self.lc.disc_loss)
+        disc.requires_grad_(True)
+        grad_nll = torch.autograd.grad(nll, xrec, retain_graph=True)[0]
+        grad_gan = torch.autograd.grad(g_loss, xrec, retain_graph=True)[0]
+        last = self.unwrap(self.vqgan).get_last_layer()
+        w_nll = torch.autograd.grad(xrec, last, grad_outputs=grad_nll, retain_graph=True)[0]
+        w_gan = torch.autograd.grad(xrec, last, grad_outputs=grad_gan, retain_graph=True)[0]
+        d_weight = torch.clamp(w_nll.norm() / (w_gan.norm() + 1e-4), 0.0, 1e4).detach() * self.lc.disc_weight
+        grad_total = (grad_nll + d_weight * self.lc.disc_factor * grad_gan).detach()
+        surrogate = (xrec * grad_total).sum() + self.lc.codebook_weight * qloss
+        true_loss = nll.detach() + d_weight * self.lc.disc_factor * g_loss.detach() + self.lc.codebook_weight * qloss.detach()
+        # value of the true loss, gradients of the surrogate
+        loss = surrogate + (true_loss - surrogate.detach())
+        return loss, {"loss/g": g_loss.item(), "loss/d_weight": d_weight.item()}
 
     def after_step(self, step: int) -> None:
         self._recs.clear()
