@@ -149,3 +149,17 @@ def test_missing_data_directory_fails_before_any_run(tmp_path, mlflow_uri):
     assert r.returncode == 2 and "data.root" in r.stderr and "does not exist" in r.stderr
     assert not (tmp_path / "mlflow.db").exists()
     shutil.rmtree(tmp_path / "r", ignore_errors=True)
+
+
+@pytest.mark.parametrize("target,metric", [("segmentation", "val/pixel_acc"), ("depth", "val/psnr")])
+def test_vqgan_on_label_and_depth_maps(tmp_path, target, metric):
+    """The VQ models that encode spatial conditions: one-hot + cross-entropy for labels, L1 for depth."""
+    from vqtransformer.training.loop import run_training
+
+    cfg = compose(TINY + [f"data.target={target}", "trainer.max_steps=3", "trainer.val_every=3", "logger=none",
+                          f"trainer.output_dir={tmp_path}"])
+    metrics = run_training(cfg)
+    assert metric in metrics and metrics[metric] == metrics[metric]  # finite, not NaN
+    state = ckpt_io.load(tmp_path / "checkpoints" / "last.ckpt")
+    channels = 7 if target == "segmentation" else 1  # shapes: 6 classes + background
+    assert state["model"]["vqgan"]["encoder.conv_in.weight"].shape[1] == channels
