@@ -35,7 +35,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vqtransformer.tracking.mlflow_tracker import ENV_PARENT, ENV_SWEEP, MAX_PARAM_LEN, get_client, resolve_tracking_uri
+from vqtransformer.tracking.mlflow_tracker import (
+    ENV_PARENT,
+    ENV_SWEEP,
+    MAX_PARAM_LEN,
+    get_client,
+    resolve_tracking_uri,
+)
 from vqtransformer.training.distributed import global_rank
 
 log = logging.getLogger(__name__)
