@@ -55,6 +55,9 @@ def training_step_rate(overrides: list[str], iters: int, device: str = "cpu", mi
     return cfg.data.batch_size / sec
 
 
+CHUNK = 1024  # rows of z per distance chunk: at most CHUNK x K distances exist at once
+
+
 def quantizer_rows(quick: bool) -> list[dict]:
     from vqtransformer.modules.quantize import nearest_code
 
@@ -62,11 +65,10 @@ def quantizer_rows(quick: bool) -> list[dict]:
     z = torch.randn(8 * 16 * 16, 64)  # a batch of 8 16x16 latent grids
     for k in (1024, 4096, 16384):
         e = torch.randn(k, 64)
-        chunk = 1024
-        sec = timed(lambda e=e: nearest_code(z, e, chunk_size=chunk), warmup=1, iters=3 if quick else 10)
+        sec = timed(lambda e=e: nearest_code(z, e, chunk_size=CHUNK), warmup=1, iters=3 if quick else 10)
         rows.append({"bench": "quantizer", "case": f"nearest code K={k} N={z.shape[0]} D=64",
                      "ms": sec * 1e3, "vectors_per_s": z.shape[0] / sec,
-                     "peak_distance_MB": chunk * k * 4 / 2**20})
+                     "peak_distance_MB": CHUNK * k * 4 / 2**20})
     return rows
 
 

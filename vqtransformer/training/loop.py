@@ -341,7 +341,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             if step % tc.log_every == 0 or step == tc.max_steps:
                 dt = time.perf_counter() - t0
                 logs["speed/images_per_s"] = images_per_step * steps_timed / max(dt, 1e-9)
-                for i, spec in enumerate(specs):
+                for spec in specs:
                     logs[f"lr/{spec.name}"] = spec.optimizer.param_groups[0]["lr"]
                 tracker.log_metrics(logs, step)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in logs.items()
