@@ -82,7 +82,7 @@ def test_two_process_cpu_run_with_torchrun(tmp_path, mlflow_uri):
     run_dir = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613"]
     r = run_train(TINY + ["trainer.max_steps=4", "trainer.val_every=4", "trainer.ckpt_every=4",
-                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, launcher=torchrun)
+                          "first_stage.learning_rate=null", f"hydra.run.dir={run_dir}"], cwd=tmp_path, launcher=torchrun)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2" in r.stderr and "rank 1/2" in r.stderr
     client, run = only_run(mlflow_uri)
