@@ -1,0 +1,142 @@
+"""Sample from a trained transformer (stage 2):
+
+    python sample.py run_id=ID n=64 [top_k=100 top_p=0.9 temperature=1.0 cfg_scale=3 class_label=2]
+    python sample.py ckpt=outputs/.../checkpoints/last.ckpt grid=[16,32]    # larger: sliding window
+    python sample.py run_id=ID half=true                                     # complete validation images
+
+Writes ``grid.png`` and one PNG per sample to ``<run dir>/samples/<time>/`` (or ``out_dir``) and logs
+them to the run in MLflow (artifact path ``samples/<time>``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import vqtransformer.config  # noqa: F401  (registers the config resolvers)
+
+log = logging.getLogger("sample")
+USER_ERRORS = ("ConfigError", "CheckpointError", "ConditionError", "DataError")
+
+
+def log_samples_to_mlflow(run_id: str, directory: Path, artifact_path: str, tracking_uri: str | None) -> None:
+    """The one MLflow call of sampling: upload ``directory`` to the run's artifacts (retried, never fatal)."""
+    from vqtransformer.tracking import get_client
+    from vqtransformer.tracking.mlflow_tracker import with_retries
+
+    client = get_client(tracking_uri)
+    with_retries(lambda: client.log_artifacts(run_id, str(directory), artifact_path), "logging samples")
+
+
+def _run_dir(ckpt: Path, run_id: str | None, tracking_uri: str | None) -> Path:
+    if run_id:
+        from vqtransformer.tracking import get_client
+
+        try:
+            tagged = get_client(tracking_uri).get_run(run_id).data.tags.get("vqt.output_dir")
+            if tagged and Path(tagged).is_dir():
+                return Path(tagged)
+        except Exception:  # noqa: BLE001 - the checkpoint's directory will do
+            pass
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def run(cfg: DictConfig) -> Path:
+    import torch
+    from torch.utils.data import default_collate
+    from torchvision.utils import make_grid, save_image
+
+    from vqtransformer.config import ConfigError
+    from vqtransformer.stages import build_stage
+    from vqtransformer.training import checkpoint as ckpt_io
+
+    if not cfg.run_id and not cfg.ckpt:
+        raise ConfigError("give run_id=ID (an MLflow run of stage=transformer) or ckpt=PATH")
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"n={cfg.n} and batch_size={cfg.batch_size} must be >= 1")
+    if cfg.grid is not None and len(cfg.grid) != 2:
+        raise ConfigError(f"grid={list(cfg.grid)} must be [h, w] in codes")
+    if cfg.tracking_uri:  # the first stage may be a run id too
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+    path = Path(cfg.ckpt).expanduser() if cfg.ckpt else ckpt_io.resolve_run_checkpoint(cfg.run_id, cfg.tracking_uri)
+    ckpt = ckpt_io.load(path)
+    run_cfg = ckpt_io.config_of(ckpt)
+    if run_cfg.stage.name != "transformer":
+        raise ConfigError(f"{path} is a stage={run_cfg.stage.name} checkpoint; sample.py samples stage=transformer")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    stage = build_stage(run_cfg, for_inference=True)
+    stage.load_state_dict(ckpt["model"])
+    stage.train(False)
+    for m in (stage.first_stage, stage.cond, stage.gpt):
+        m.to(device)
+    cond_type = stage.cond.type
+    if cfg.class_label is not None and cond_type != "class":
+        raise ConfigError(f"class_label={cfg.class_label}, but this model was trained with conditioning.type={cond_type}")
+    run_id = cfg.run_id or ckpt.get("mlflow_run_id")
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else _run_dir(path, run_id, cfg.tracking_uri) / "samples" / stamp
+    params = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
+    grid = tuple(cfg.grid) if cfg.grid is not None else None
+    needs_data = cfg.half or cond_type in ("segmentation", "depth", "lowres")
+    val = None
+    if needs_data:
+        from vqtransformer.data import build_dataset
+
+        val = build_dataset(run_cfg.data, False)
+
+    images, inputs = [], []
+    for k, start in enumerate(range(0, cfg.n, cfg.batch_size)):
+        b = min(cfg.batch_size, cfg.n - start)
+        condition, kw = None, {}
+        if cond_type == "class":
+            n_cls = stage.cond.num_classes
+            condition = [cfg.class_label] * b if cfg.class_label is not None else \
+                [i % n_cls for i in range(start, start + b)]
+        if val is not None:
+            batch = default_collate([val[i % len(val)] for i in range(start, start + b)])
+            batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            if cond_type not in ("none", "class"):
+                condition = stage.cond.from_batch(batch)
+            if cfg.half:
+                z, _ = stage.tokens(batch, "validation")
+                kw = {"z": z, "start": z.shape[1] // 2}
+                inputs.append(batch["image"].cpu())
+        x = stage.sample(b, condition, grid=grid, seed=int(cfg.seed) + k, **kw, **params)
+        images.append(x.cpu())
+        log.info("sampled %d/%d", start + b, cfg.n)
+    x = torch.cat(images).add(1).div(2).clamp(0, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nrow = max(1, int(round(cfg.n ** 0.5)))
+    save_image(make_grid(x, nrow=nrow, padding=1, pad_value=1.0), out_dir / "grid.png")
+    if inputs:
+        ref = torch.cat(inputs).add(1).div(2).clamp(0, 1)
+        save_image(make_grid(torch.cat((ref, x)), nrow=cfg.n, padding=1, pad_value=1.0), out_dir / "inputs_and_completions.png")
+    if cfg.singles:
+        for i, img in enumerate(x):
+            save_image(img, out_dir / f"sample_{i:05d}.png")
+    print(f"[vqtransformer] {cfg.n} samples in {out_dir}", flush=True)
+    if run_id:
+        log_samples_to_mlflow(run_id, out_dir, f"samples/{out_dir.name}", cfg.tracking_uri)
+    return out_dir
+
+
+@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except Exception as e:
+        if type(e).__name__ not in USER_ERRORS:
+            raise
+        log.error("%s: %s", type(e).__name__, e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""``transformer`` stage: the GPT prior of "Taming Transformers" over the codes of a frozen VQGAN.
+
+Images are encoded to code indices s by the frozen first stage (``first_stage.ckpt`` or
+``first_stage.run_id``), conditions to tokens c (``conditioning.type``), and the GPT is trained
+with the likelihood L = E[-log p(s | c)] = -sum_i log p(s_i | s_<i, c) (teacher forcing). With
+``stage.pkeep`` < 1 a fraction 1 - pkeep of the *input* codes is replaced by random codes
+(targets stay clean), as in taming. Logged: ``loss/train``, ``val/nll`` (nats per token),
+``val/bpd`` (``val/nll`` / ln 2, bits per token) and sample grids.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from vqtransformer.config import ConfigError
+from vqtransformer.data.codes import CodeCache, cache_key, fingerprint
+from vqtransformer.models.conditioning import ConditionError, Conditioning, build_conditioning
+from vqtransformer.models.gpt import GPT, for_cpu_inference
+from vqtransformer.sampling.autoregressive import SamplingParams, make_generator, sample
+from vqtransformer.stages.base import OptimizerSpec, Stage
+
+
+def lr_schedule(schedule: str, warmup_steps: int, max_steps: int):
+    """Linear warmup, then ``cosine`` decay to 0 at ``max_steps`` or ``constant`` (taming: constant, no warmup)."""
+    if schedule not in ("cosine", "constant"):
+        raise ConfigError(f"transformer.schedule='{schedule}' must be cosine or constant")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of image batches in [-1, 1] -> one [3, H, W] grid in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    n = min(r.shape[0] for r in rows)
+    x = torch.cat([r[:n].detach().float().cpu() for r in rows]).clamp(-1, 1).add(1).div(2)
+    return make_grid(x, nrow=n, padding=1, pad_value=1.0)
+
+
+class TransformerStage(Stage):
+    name = "transformer"
+
+    def __init__(self, cfg: DictConfig, for_inference: bool = False, first_stage: nn.Module | None = None,
+                 load_vq=None):
+        """``first_stage`` (a VQModel) and ``load_vq`` (the condition VQ loader) replace checkpoint loading (tests)."""
+        super().__init__(cfg, for_inference)
+        tr = cfg.transformer
+        if first_stage is None:
+            from vqtransformer.training.checkpoint import load_first_stage
+
+            first_stage = load_first_stage(cfg.first_stage)
+        self.first_stage = first_stage.eval().requires_grad_(False)
+        V = int(first_stage.quantize.n_embed)
+        if tr.get("vocab_size") and int(tr.vocab_size) != V:
+            raise ConfigError(f"transformer.vocab_size={tr.vocab_size} but the first stage "
+                              f"({getattr(first_stage, 'checkpoint_path', 'first_stage')}) has {V} codes "
+                              f"(quantize.n_embed); set transformer.vocab_size={V} (or null)")
+        res, f = int(cfg.data.resolution), int(first_stage.downsample_factor)
+        if res % f:
+            raise ConfigError(f"data.resolution={res} is not a multiple of the first stage's downsampling factor {f}")
+        self.image_size, self.grid = (res, res), (res // f, res // f)
+        num_classes = OmegaConf.select(cfg, "data.num_classes", default=None)
+        self.cond: Conditioning = build_conditioning(cfg.conditioning, first_stage, res, num_classes, load_vq)
+        self.cond_len = self.cond.length(self.image_size)
+        need = self.cond_len + self.grid[0] * self.grid[1] - 1
+        if need > tr.block_size:
+            raise ConfigError(f"transformer.block_size={tr.block_size} is too short: {self.cond_len} condition tokens "
+                              f"+ {self.grid[0]}x{self.grid[1]} image codes - 1 = {need} positions; set "
+                              f"transformer.block_size={need} or more")
+        self.pkeep = float(cfg.stage.get("pkeep", 1.0))
+        if not 0.0 < self.pkeep <= 1.0:
+            raise ConfigError(f"stage.pkeep={self.pkeep} must be in (0, 1]")
+        self.lr_factor = lr_schedule(tr.get("schedule", "cosine"), int(tr.get("warmup_steps", 0)),
+                                     int(OmegaConf.select(cfg, "trainer.max_steps", default=1) or 1))
+        self.gpt = GPT.from_config(tr, V, self.cond.vocab_size)
+        self.vocab_size = V
+        self._caches: dict[str, CodeCache | None] = {}
+        self._val_data = None
+
+    # -- helpers -----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.first_stage.parameters()).device
+
+    @property
+    def gpt_module(self) -> GPT:
+        return self.unwrap(self.gpt)
+
+    def meta(self) -> dict[str, Any]:
+        return {"conditioning": self.cond.type, "vocab_size": self.vocab_size,
+                "cond_vocab_size": self.cond.vocab_size, "grid": list(self.grid)}
+
+    def _cache(self, split: str) -> CodeCache | None:
+        root = self.cfg.stage.get("code_cache")
+        if not root:
+            return None
+        if split not in self._caches:
+            models = [self.first_stage] + [m for m in self.cond.children()]
+            key = cache_key(models, self.cfg.data, self.cfg.conditioning, split)
+            self._caches[split] = CodeCache(f"{root}/codes-{split}-{key}.pt", max(self.vocab_size, self.cond.vocab_size))
+        return self._caches[split]
+
+    @torch.no_grad()
+    def tokens(self, batch: dict, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """(image codes [B, h*w], condition ids [B, Lc]) of a batch, from the code cache when it has them."""
+        image = batch.get(self.image_key)
+        if image is None:
+            raise ConditionError(f"batch has no '{self.image_key}'")
+        size = tuple(image.shape[-2:])
+        if size != self.image_size:
+            raise ConditionError(f"images are {size} px but this model was built for data.resolution={self.image_size[0]}")
+        cache, fp = self._cache(split), None
+        if cache is not None and "index" in batch:
+            fp = fingerprint(image)
+            hit = cache.lookup(batch["index"], fp)
+            if hit is not None:
+                c = hit["c"] if "c" in hit else self.cond.encode(batch, size)
+                return hit["z"].to(self.device), c.to(self.device).flatten(1)
+        z = self.first_stage.encode_to_indices(image.to(self.device)).flatten(1)
+        c = self.cond.encode(batch, size).to(self.device).flatten(1)
+        if fp is not None:
+            cache.store(batch["index"], fp, z=z, **({"c": c} if self.cond.spatial else {}))
+        return z, c
+
+    def logits(self, gpt: nn.Module, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, h*w, V]: output Lc - 1 + i predicts s_i from (c, s_<i)."""
+        x = self.gpt_module.sequence(c, z)
+        return gpt(x[:, :-1])[:, c.shape[1] - 1:]
+
+    # -- training ------------------------------------------------------------------
+    def setup(self, accelerator) -> list[OptimizerSpec]:
+        self.accelerator = accelerator
+        tr = self.cfg.transformer
+        self.first_stage.to(accelerator.device)
+        self.cond.to(accelerator.device)
+        opt = torch.optim.AdamW(self.gpt.optimizer_groups(float(tr.get("weight_decay", 0.01))), lr=float(tr.lr),
+                                betas=tuple(tr.get("betas", (0.9, 0.95))))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        self.gpt, opt = accelerator.prepare(self.gpt, opt)
+        clip = tr.get("grad_clip") or OmegaConf.select(self.cfg, "trainer.grad_clip", default=None)
+        return [OptimizerSpec("transformer", opt, [self.gpt], sched, grad_clip=clip)]
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.gpt}
+
+    def training_step(self, batch: dict, step: int, opt_idx: int) -> tuple[torch.Tensor, dict[str, float]]:
+        z, c = self.tokens(batch, "train")
+        c = self.cond.drop(c)  # label dropout (class conditioning) for classifier-free guidance
+        x = z
+        if self.pkeep < 1.0:
+            keep = torch.rand(z.shape, device=z.device) < self.pkeep
+            x = torch.where(keep, z, torch.randint_like(z, self.vocab_size))
+        logits = self.logits(self.gpt, x, c)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), z.reshape(-1))
+        return loss, {"loss/train": loss.item()}
+
+    # -- validation ------------------------------------------------------------------
+    @torch.no_grad()
+    def nll(self, batch: dict) -> torch.Tensor:
+        """Per-token negative log-likelihood in nats, [B, h*w] (teacher-forced, no corruption)."""
+        z, c = self.tokens(batch, "validation")
+        logits = self.logits(self.gpt_module, z, c)
+        return F.cross_entropy(logits.transpose(1, 2).float(), z, reduction="none")
+
+    def validate(self, batch: dict) -> dict[str, float]:
+        nll = self.nll(batch).mean().item()
+        return {"val/nll": nll, "val/bpd": nll / math.log(2), "val/loss": nll}
+
+    def validation_end(self) -> dict[str, float]:
+        for cache in self._caches.values():
+            if cache is not None:
+                cache.save()
+        return {}
+
+    @torch.no_grad()
+    def validation_images(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Rows: condition (if any), input, reconstruction, half-image completion, sample."""
+        n = min(int(self.cfg.stage.get("val_samples", 8)), batch[self.image_key].shape[0])
+        b = {k: v[:n] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        z, _ = self.tokens(b, "validation")
+        z = z.view(n, *self.grid)
+        seed = int(OmegaConf.select(self.cfg, "trainer.seed", default=0) or 0)
+        cond = self.cond.from_batch(b)
+        half = self.sample(n, cond, z=z, start=z[0].numel() // 2, seed=seed)
+        samples = self.sample(n, cond, seed=seed + 1)
+        rows = [b[self.image_key], self.first_stage.decode_indices(z), half, samples]
+        shown = self.cond.show(b, self.image_size) if self.cond.type != "none" else None
+        return {"samples": image_grid(([shown] if shown is not None else []) + rows)}
+
+    # -- sampling ----------------------------------------------------------------
+    def _condition(self, n: int, condition: Any, image_size: tuple[int, int]) -> dict:
+        """A batch-like dict of conditions for n samples."""
+        if condition is None:
+            if self.cond.type == "class":  # class-balanced
+                return {"class_label": torch.arange(n) % self.cond.num_classes}
+            if self.cond.type in ("none", "coord"):
+                return {"batch_size": n}
+            if image_size != self.image_size:
+                raise ConditionError(f"conditioning.type={self.cond.type}: give {self.cond.key} maps of "
+                                     f"{image_size} px to sample that size")
+            return self._validation_conditions(n)
+        if isinstance(condition, dict):
+            self.cond.check_condition(condition)
+            return dict(condition) if condition else {"batch_size": n}
+        if self.cond.type != "class":
+            raise ConditionError(f"this model was trained with conditioning.type={self.cond.type}; class labels "
+                                 "are not accepted")
+        y = torch.as_tensor(condition).long().reshape(-1)
+        return {"class_label": y.expand(n) if y.numel() == 1 else y}
+
+    def _validation_conditions(self, n: int) -> dict:
+        """Conditions (maps / images) of the next n validation items, for samples without given conditions."""
+        from torch.utils.data import default_collate
+
+        from vqtransformer.data import build_dataset
+
+        if self._val_data is None:
+            self._val_data, self._val_offset = build_dataset(self.cfg.data, False), 0
+        items = [self._val_data[(self._val_offset + i) % len(self._val_data)] for i in range(n)]
+        self._val_offset += n  # successive calls (evaluation batches) continue through the split
+        batch = default_collate(items)
+        key = "lowres" if self.cond.type == "lowres" else self.cond.key
+        return {key: batch["image" if key == "lowres" else key]}
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """``stage.sample.*`` with the non-None ``overrides``."""
+        node = OmegaConf.select(self.cfg, "stage.sample", default=None)
+        base = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**{k: base[k] for k in ("temperature", "top_k", "top_p", "cfg_scale") if k in base})
+
+    @torch.no_grad()
+    def sample_codes(self, n: int, condition: Any = None, grid: tuple[int, int] | None = None,
+                     z: torch.Tensor | None = None, start: int = 0, seed: int = 0,
+                     generator: torch.Generator | None = None, **params) -> torch.Tensor:
+        """Code grids [n, H, W]. ``grid`` larger than the trained one: sliding-window sampling.
+        ``z``/``start``: codes kept before raster position ``start`` (half-image completion)."""
+        grid = tuple(grid or self.grid)
+        f = self.image_size[0] // self.grid[0]
+        image_size = (grid[0] * f, grid[1] * f)
+        batch = self._condition(n, condition, image_size)
+        c = self.cond.encode({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()},
+                             image_size).to(self.device)
+        if c.shape[0] != n:
+            raise ConditionError(f"{c.shape[0]} conditions for {n} samples")
+        p = self.sampling_params(**params)
+        uc = self.cond.uncond(c) if p.cfg_scale != 1.0 else None
+        gpt = self.gpt_module
+        was_training = gpt.training
+        gpt.eval()
+        try:
+            gen = generator or make_generator(seed, self.device)
+            window = None if grid == self.grid else self.grid
+            z = None if z is None else z.to(self.device).view(n, *grid)
+            return sample(self._inference_gpt(gpt, n), c, grid, window, z, start, uc, p, gen)
+        finally:
+            gpt.train(was_training)
+
+    def _inference_gpt(self, gpt: GPT, batch: int) -> GPT:
+        """The GPT to sample with: on the CPU a oneDNN-packed copy, re-made when the weights changed."""
+        key = (id(gpt), batch, tuple(p._version for p in gpt.parameters()))
+        if getattr(self, "_packed", (None,))[0] != key:
+            self._packed = (key, for_cpu_inference(gpt, batch))
+        return self._packed[1]
+
+    @torch.no_grad()
+    def sample(self, n: int, condition: Any = None, **kwargs) -> torch.Tensor:
+        """n images [n, 3, H, W] in [-1, 1] (see :meth:`sample_codes`). ``condition``: None (start token;
+        class-balanced labels; validation maps), class labels (int, list, tensor) or a dict of maps
+        (``segmentation`` [n, H, W], ``depth`` [n, 1, H, W], ``coord``, ``lowres``)."""
+        return self.first_stage.decode_indices(self.sample_codes(n, condition, **kwargs)).clamp(-1, 1)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "meta": self.meta()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        meta = state.get("meta")
+        if meta is not None and meta.get("conditioning") != self.cond.type:
+            raise ConfigError(f"checkpoint was trained with conditioning.type={meta.get('conditioning')}, this config "
+                              f"has conditioning.type={self.cond.type}")
+        if meta is not None and int(meta.get("vocab_size", self.vocab_size)) != self.vocab_size:
+            raise ConfigError(f"checkpoint's transformer predicts {meta['vocab_size']} codes but the first stage has "
+                              f"{self.vocab_size} (quantize.n_embed)")
+        super().load_state_dict({k: v for k, v in state.items() if k != "meta"})
