@@ -1,6 +1,7 @@
-"""Sample from a trained transformer (stage 2):
+"""Sample from a trained generator (stage=transformer, vqdiffusion or vitgan):
 
     python sample.py run_id=ID n=64 [top_k=100 top_p=0.9 temperature=1.0 cfg_scale=3 class_label=2]
+    python sample.py run_id=ID steps=25 truncation_rate=0.86 cfg_scale=3 sampler=purity   # vqdiffusion
     python sample.py ckpt=outputs/.../checkpoints/last.ckpt grid=[16,32]    # larger: sliding window
     python sample.py run_id=ID half=true                                     # complete validation images
 
@@ -23,6 +24,14 @@ import vqtransformer.config  # noqa: F401  (registers the config resolvers)
 
 log = logging.getLogger("sample")
 USER_ERRORS = ("ConfigError", "CheckpointError", "ConditionError", "DataError")
+
+
+#: the sampling options each generator stage takes (null values keep the run's own defaults)
+SAMPLE_KEYS = {
+    "transformer": ("temperature", "top_k", "top_p", "cfg_scale"),
+    "vqdiffusion": ("steps", "truncation_rate", "cfg_scale", "sampler"),
+    "vitgan": (),
+}
 
 
 def log_samples_to_mlflow(run_id: str, directory: Path, artifact_path: str, tracking_uri: str | None) -> None:
@@ -67,22 +76,26 @@ def run(cfg: DictConfig) -> Path:
     path = Path(cfg.ckpt).expanduser() if cfg.ckpt else ckpt_io.resolve_run_checkpoint(cfg.run_id, cfg.tracking_uri)
     ckpt = ckpt_io.load(path)
     run_cfg = ckpt_io.config_of(ckpt)
-    if run_cfg.stage.name != "transformer":
-        raise ConfigError(f"{path} is a stage={run_cfg.stage.name} checkpoint; sample.py samples stage=transformer")
+    name = run_cfg.stage.name
+    if name not in SAMPLE_KEYS:
+        raise ConfigError(f"{path} is a stage={name} checkpoint, which is not a generator; sample.py samples "
+                          f"{', '.join(SAMPLE_KEYS)} (score a vqgan with evaluate.py)")
+    if name != "transformer" and (cfg.grid is not None or cfg.half):
+        raise ConfigError(f"grid= and half= are for stage=transformer (sliding window / completion), not {name}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     stage = build_stage(run_cfg, for_inference=True)
     stage.load_state_dict(ckpt["model"])
     stage.train(False)
-    for m in (stage.first_stage, stage.cond, stage.gpt):
-        m.to(device)
-    cond_type = stage.cond.type
+    stage.to(device)
+    cond_type = stage.condition_type
     if cfg.class_label is not None and cond_type != "class":
         raise ConfigError(f"class_label={cfg.class_label}, but this model was trained with conditioning.type={cond_type}")
     run_id = cfg.run_id or ckpt.get("mlflow_run_id")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else _run_dir(path, run_id, cfg.tracking_uri) / "samples" / stamp
-    params = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "cfg_scale")}
-    grid = tuple(cfg.grid) if cfg.grid is not None else None
+    params = {k: cfg[k] for k in SAMPLE_KEYS[name] if cfg.get(k) is not None or name == "transformer"}
+    if name == "transformer":
+        params["grid"] = tuple(cfg.grid) if cfg.grid is not None else None
     needs_data = cfg.half or cond_type in ("segmentation", "depth", "lowres")
     val = None
     if needs_data:
@@ -95,7 +108,7 @@ def run(cfg: DictConfig) -> Path:
         b = min(cfg.batch_size, cfg.n - start)
         condition, kw = None, {}
         if cond_type == "class":
-            n_cls = stage.cond.num_classes
+            n_cls = stage.num_classes
             condition = [cfg.class_label] * b if cfg.class_label is not None else \
                 [i % n_cls for i in range(start, start + b)]
         if val is not None:
@@ -107,7 +120,7 @@ def run(cfg: DictConfig) -> Path:
                 z, _ = stage.tokens(batch, "validation")
                 kw = {"z": z, "start": z.shape[1] // 2}
                 inputs.append(batch["image"].cpu())
-        x = stage.sample(b, condition, grid=grid, seed=int(cfg.seed) + k, **kw, **params)
+        x = stage.sample(b, condition, seed=int(cfg.seed) + k, **kw, **params)
         images.append(x.cpu())
         log.info("sampled %d/%d", start + b, cfg.n)
     x = torch.cat(images).add(1).div(2).clamp(0, 1)

@@ -83,6 +83,22 @@ class Stage(abc.ABC):
         """Image grids in [0, 1], ``[3, H, W]``, logged as artifacts at each validation."""
         return {}
 
+    @property
+    def condition_type(self) -> str:
+        """``none``, ``class`` or a spatial type (``segmentation``, ``depth``, ``coord``, ``lowres``)."""
+        return "none"
+
+    @property
+    def num_classes(self) -> int:
+        return 0
+
+    def to(self, device) -> Stage:
+        """Move every module of the stage (inference: evaluate.py, sample.py)."""
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.to(device)
+        return self
+
     def sample(self, n: int, condition: Any = None, **kwargs) -> torch.Tensor:
         raise NotImplementedError(f"stage '{self.name}' is not a generator: it has no sample()")
 

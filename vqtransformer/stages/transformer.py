@@ -54,6 +54,14 @@ def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
 class TransformerStage(Stage):
     name = "transformer"
 
+    @property
+    def condition_type(self) -> str:
+        return self.cond.type
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.cond.num_classes or 0) if self.cond.type == "class" else 0
+
     def __init__(self, cfg: DictConfig, for_inference: bool = False, first_stage: nn.Module | None = None,
                  load_vq=None):
         """``first_stage`` (a VQModel) and ``load_vq`` (the condition VQ loader) replace checkpoint loading (tests)."""

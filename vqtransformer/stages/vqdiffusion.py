@@ -26,6 +26,14 @@ from vqtransformer.stages.base import OptimizerSpec, Stage
 class VQDiffusionStage(Stage):
     name = "vqdiffusion"
 
+    @property
+    def condition_type(self) -> str:
+        return "class" if self.class_conditional else "none"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.denoiser_module.num_classes)
+
     def __init__(self, cfg: DictConfig, for_inference: bool = False, first_stage: nn.Module | None = None):
         """``first_stage`` (a ``VQModel``) overrides loading ``cfg.first_stage`` (tests)."""
         super().__init__(cfg, for_inference)
