@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 import vqtransformer.config  # noqa: F401  (registers the config resolvers)
 import vqtransformer.tracking.sweep  # noqa: F401  (the sweep callback's ${vqt.on_rank_zero:} resolver)
 
-USER_ERRORS = ("ConfigError", "DataError", "WeightsUnavailableError", "CheckpointError", "TrainingDiverged")
+USER_ERRORS = ("ConfigError", "DataError", "WeightsUnavailableError", "CheckpointError", "TrainingDiverged",
+               "ConditionError")
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -94,3 +94,28 @@ def test_bad_checkpoints():
         convert_transformer(taming_state(8), 16)
     with pytest.raises(ValueError, match="cond_vocab_size"):
         convert_transformer(taming_state(16), 16, "class", None)
+
+
+def test_transformer_pretrained_key_loads_a_taming_checkpoint_into_the_stage(tmp_path):
+    """transformer.pretrained=PATH: the stage's GPT reproduces taming's logits (unconditional, sos row 0)."""
+    from tests.conftest import compose
+    from vqtransformer.models.vqgan import VQModel
+    from vqtransformer.stages.transformer import TransformerStage
+
+    n_embed = 16
+    first = VQModel(dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3, out_ch=3,
+                         resolution=8, z_channels=32), n_embed, 4)
+    sd = taming_state(n_embed + 1)
+    torch.save({"state_dict": sd}, tmp_path / "net2net.ckpt")
+    cfg = compose(["stage=transformer", "first_stage.ckpt=unused", "data.resolution=8",
+                   f"transformer.n_layer={N_LAYER}", f"transformer.n_head={N_HEAD}", f"transformer.n_embd={N_EMBD}",
+                   f"transformer.block_size={BLOCK}", f"transformer.pretrained={tmp_path / 'net2net.ckpt'}",
+                   f"transformer.sos_token={n_embed}"])
+    stage = TransformerStage(cfg, first_stage=first)
+    idx = torch.randint(0, n_embed, (2, 6))
+    taming_idx = torch.cat([torch.full((2, 1), n_embed), idx], 1)  # taming: sos token first, shared table
+    expected = taming_logits(sd, taming_idx)[..., :n_embed]
+    gpt = stage.gpt.eval()
+    got = gpt(torch.cat([torch.full((2, 1), n_embed), idx], 1))
+    got = got[0] if isinstance(got, tuple) else got
+    assert torch.allclose(got[..., :n_embed], expected, atol=1e-4)

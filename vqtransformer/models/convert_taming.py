@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cond-vocab-size", type=int, default=None, help="classes or condition codebook size")
     p.add_argument("--sos-token", type=int, default=0)
     a = p.parse_args(argv)
-    ckpt = torch.load(a.ckpt, map_location="cpu", weights_only=False)
+    from vqtransformer.training.checkpoint import load
+
+    ckpt = load(a.ckpt)  # weights_only=True
     out = convert_net2net(ckpt, a.n_head, a.conditioning, a.cond_vocab_size, a.sos_token)
     torch.save(out, a.out)
     print(f"wrote {a.out}: {out['config']}")

@@ -96,8 +96,23 @@ class TransformerStage(Stage):
                                      int(OmegaConf.select(cfg, "trainer.max_steps", default=1) or 1))
         self.gpt = GPT.from_config(tr, V, self.cond.vocab_size)
         self.vocab_size = V
+        if tr.get("pretrained") and not for_inference:
+            self.load_taming(tr.pretrained, int(tr.get("sos_token", 0)))
         self._caches: dict[str, CodeCache | None] = {}
         self._val_data = None
+
+    def load_taming(self, path: str, sos_token: int = 0) -> None:
+        """``transformer.pretrained``: a Net2NetTransformer checkpoint of taming-transformers (Lightning
+        ``.ckpt``), its shared vocabulary split into image codes and condition tokens."""
+        from vqtransformer.models.convert_taming import convert_transformer
+        from vqtransformer.training.checkpoint import load, load_module_state
+
+        ckpt = load(path)
+        state = ckpt.get("state_dict", ckpt)
+        kind = self.cond.type
+        cond_vocab = self.cond.num_classes if kind == "class" else (None if kind == "none" else self.cond.vocab_size)
+        converted = convert_transformer(state, self.vocab_size, kind, cond_vocab, sos_token)
+        load_module_state(self.gpt, converted, what=f"transformer.pretrained={path}")
 
     # -- helpers -----------------------------------------------------------------
     @property
