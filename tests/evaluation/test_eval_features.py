@@ -141,3 +141,14 @@ def test_lpips_backbone_is_loaded_from_a_local_file(tmp_path, monkeypatch):
     assert torch.equal(getattr(lp.model.net.slice5, "10").weight, tv.features[10].weight)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     assert lp(x, x).abs().max() < 1e-6 and lp(x, x.flip(-1)).shape == (2,)
+
+
+def test_lpips_standin_is_offline_deterministic_and_zero_on_identical_images():
+    import torch
+
+    from vqtransformer.evaluation.features import build_lpips
+
+    a, b = build_lpips("standin"), build_lpips("standin")
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(a(x, x), torch.zeros(2), atol=1e-6)
+    assert torch.equal(a(x, y), b(x, y)) and (a(x, y) > 0).all()

@@ -182,6 +182,9 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
             val = dataset if split == "val" else build_dataset(data_cfg, False)
             values.update(generative.transformer_nll(stage, _loader(val, ev, data_cfg), device, resolution * resolution))
 
+    if "lpips" in values and str(ev.lpips_net) == "standin":
+        values["lpips_standin"] = values.pop("lpips")
+        notes.append("LPIPS computed with eval.lpips_net=standin (random backbone): plumbing only, not LPIPS")
     return {
         "stage": stage_name,
         "feature_network": net.name if net else None,

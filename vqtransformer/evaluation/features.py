@@ -217,8 +217,13 @@ def build_lpips(net: str = "alex", weights: str | None = None, download: bool = 
     import torchvision
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 
+    if net == "standin":  # offline plumbing: AlexNet layout, random backbone fixed by seed; labelled 'lpips_standin'
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = _NoTrainLpips(net="alex", pnet_rand=True)
+        return _LpipsDistance(model.eval().requires_grad_(False))
     if net not in _LPIPS_BACKBONES:
-        raise EvaluationError(f"eval.lpips_net={net}: choose one of {sorted(_LPIPS_BACKBONES)}")
+        raise EvaluationError(f"eval.lpips_net={net}: choose one of {sorted(_LPIPS_BACKBONES)} or 'standin'")
     arch, enum = _LPIPS_BACKBONES[net]
     url = getattr(torchvision.models, enum).DEFAULT.url
     filename = url.rsplit("/", 1)[1]  # e.g. alexnet-owt-7be5be79.pth: sha256 prefix after the last '-'
