@@ -10,7 +10,7 @@ UI_PORT ?= 5000
 SERVER_PORT ?= 5001
 ROOT := $(abspath .)
 
-.PHONY: install train test test-all bench bench-quality ui mlflow-server slurm-up slurm-down lint clean
+.PHONY: shapes-vqgan shapes-seg-vq shapes-transformer install train test test-all bench bench-quality ui mlflow-server slurm-up slurm-down lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,30 @@ $(STAMP): pyproject.toml
 ## The main job: train the tiny VQGAN on the embedded `shapes` dataset (CPU, ~10 min).
 train: install
 	$(PY) train.py $(ARGS)
+
+## Stage 2 on shapes, end to end: `make shapes-transformer COND=none|class|segmentation`
+## trains the tiny VQGAN once (and, for segmentation, a VQ model of the label maps), then a tiny GPT, then samples.
+COND ?= class
+VQ_STEPS ?= 1500
+GPT_STEPS ?= 2000
+SHAPES_VQGAN := outputs/shapes/vqgan
+SHAPES_SEG_VQ := outputs/shapes/segmentation-vq
+SHAPES_GPT := outputs/shapes/transformer-$(COND)
+
+shapes-vqgan: install
+	@test -f $(SHAPES_VQGAN)/checkpoints/last.ckpt || \
+		$(PY) train.py trainer.max_steps=$(VQ_STEPS) hydra.run.dir=$(SHAPES_VQGAN)
+
+shapes-seg-vq: install
+	@test -f $(SHAPES_SEG_VQ)/checkpoints/last.ckpt || \
+		$(PY) train.py data.target=segmentation trainer.max_steps=$(VQ_STEPS) hydra.run.dir=$(SHAPES_SEG_VQ)
+
+shapes-transformer: shapes-vqgan $(if $(filter segmentation,$(COND)),shapes-seg-vq)
+	$(PY) train.py stage=transformer first_stage.ckpt=$(SHAPES_VQGAN)/checkpoints/last.ckpt conditioning=$(COND) \
+		$(if $(filter segmentation,$(COND)),conditioning.ckpt=$(SHAPES_SEG_VQ)/checkpoints/last.ckpt) \
+		trainer.max_steps=$(GPT_STEPS) hydra.run.dir=$(SHAPES_GPT) $(ARGS)
+	$(PY) sample.py ckpt=$(SHAPES_GPT)/checkpoints/last.ckpt n=36 out_dir=$(SHAPES_GPT)/samples \
+		$(if $(filter class,$(COND)),cfg_scale=2.0)
 
 ## The test suite (fast + end-to-end; slurm tests run when a cluster is reachable).
 test: install
