@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -22,11 +21,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import vqtransformer.config  # noqa: F401  (registers the config resolvers)
+from vqtransformer.cli import is_user_error, run_or_exit
 
 log = logging.getLogger("evaluate")
 
-USER_ERRORS = ("EvaluationError", "CheckpointError", "DataError", "ConfigError", "ConditionError",
-               "WeightsUnavailableError")
 
 
 def _device(name: str):
@@ -222,7 +220,7 @@ def evaluate_sweep(cfg: DictConfig, ev: DictConfig, device) -> int:
             else:
                 log.info("run %s: eval metrics for this checkpoint and protocol exist; reused", rid)
         except Exception as e:
-            if not cfg.sweep.skip_failed or type(e).__name__ not in USER_ERRORS:
+            if not cfg.sweep.skip_failed or not is_user_error(e):
                 raise EvaluationError(f"run {name} ({rid}): {e}\n(nothing was logged; sweep.skip_failed=true "
                                       "skips runs that cannot be evaluated)") from e
             log.error("run %s (%s) skipped: %s", name, rid, e)
@@ -268,14 +266,7 @@ def run(cfg: DictConfig) -> int:
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except Exception as e:
-        if type(e).__name__ not in USER_ERRORS:
-            raise
-        log.error("%s: %s", type(e).__name__, e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, cfg, name="evaluate")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import hydra
 from omegaconf import DictConfig
 
 import vqtransformer.config  # noqa: F401  (registers the config resolvers)
+from vqtransformer.cli import run_or_exit
 
 log = logging.getLogger("sample")
-USER_ERRORS = ("ConfigError", "CheckpointError", "ConditionError", "DataError")
 
 
 #: the sampling options each generator stage takes (null values keep the run's own defaults)
@@ -141,14 +140,7 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except Exception as e:
-        if type(e).__name__ not in USER_ERRORS:
-            raise
-        log.error("%s: %s", type(e).__name__, e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, cfg, name="sample")
 
 
 if __name__ == "__main__":

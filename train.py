@@ -1,6 +1,5 @@
 """Train a stage: `python train.py stage=vqgan data=faceshq` (Hydra; see README and `--help`)."""
 
-import logging
 import sys
 
 import hydra
@@ -8,9 +7,7 @@ from omegaconf import DictConfig
 
 import vqtransformer.config  # noqa: F401  (registers the config resolvers)
 import vqtransformer.tracking.sweep  # noqa: F401  (the sweep callback's ${vqt.on_rank_zero:} resolver)
-
-USER_ERRORS = ("ConfigError", "DataError", "WeightsUnavailableError", "CheckpointError", "TrainingDiverged",
-               "ConditionError")
+from vqtransformer.cli import run_or_exit
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -20,14 +17,7 @@ def main(cfg: DictConfig):
 
     from vqtransformer.training.loop import run_training
 
-    try:
-        metrics = run_training(cfg)
-    except Exception as e:
-        if type(e).__name__ not in USER_ERRORS or HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        logging.getLogger("train").error("%s: %s", type(e).__name__, e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    metrics = run_or_exit(run_training, cfg, name="train", reraise=HydraConfig.get().mode == RunMode.MULTIRUN)
     return metrics.get("val/loss", None) if metrics else None
 
 

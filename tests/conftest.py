@@ -49,5 +49,14 @@ def run_train(args: list[str], cwd: Path | None = None, env: dict | None = None,
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny ops on a shared CPU run much slower with more (spin-waiting) threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def compose_cfg():
     return compose

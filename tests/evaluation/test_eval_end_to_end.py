@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import vqtransformer.config  # noqa: F401  (resolvers)
+from vqtransformer.cli import is_user_error
 from vqtransformer.evaluation import EvaluationError, evaluate_stage
 from vqtransformer.stages.base import Stage
 
@@ -134,7 +135,7 @@ def _assert_error_and_nothing_logged(store, rid, match, *overrides):
     before = eval_logged(store, rid) if rid else None
     with pytest.raises(Exception, match=match) as e:
         ev_script.run(eval_cfg(*overrides, f"tracking_uri={store['uri']}"))
-    assert type(e.value).__name__ in ev_script.USER_ERRORS
+    assert is_user_error(e.value)
     if rid:
         assert eval_logged(store, rid) == before
 

@@ -9,13 +9,7 @@ from vqtransformer.losses.diffaugment import DiffAugment, cutout, translation
 POLICY = "color,translation,cutout"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared CPU run much slower with more (spin-waiting) threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_identity_at_strength_zero_or_empty_policy():

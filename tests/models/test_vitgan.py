@@ -14,13 +14,7 @@ from vqtransformer.modules.vit import SLN, L2SelfAttention
 SMALL = ["data.resolution=16", "vitgan.generator.patch_size=4", "vitgan.discriminator.patch_size=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared CPU run much slower with more (spin-waiting) threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_generator(decoder="siren"):

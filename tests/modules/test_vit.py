@@ -21,14 +21,7 @@ from vqtransformer.modules.vit import (
     patches_to_image,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny ops on a shared CPU run much slower with more (spin-waiting) threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spectral_norm(W: torch.Tensor) -> float:
