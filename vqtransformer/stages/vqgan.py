@@ -3,8 +3,6 @@ discriminator step, on the same batch, as in taming's two-optimizer training."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -229,11 +227,3 @@ class VQGANStage(Stage):
         palette = torch.rand(self.num_seg_classes, 3, generator=g) * 2 - 1
         palette[0] = -1
         return palette[labels.cpu()].permute(0, 3, 1, 2)
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.unwrap(self.vqgan)(x)[0]
-
-    @staticmethod
-    def finite(value: float) -> bool:
-        return math.isfinite(value)
