@@ -26,6 +26,27 @@ def test_shapes_is_deterministic_and_consistent():
     assert len(set(labels)) == ShapesDataset.num_classes
 
 
+def test_shapes_easier_variants_plain_background_one_object_larger_scale():
+    d = ShapesDataset("train", 32, size=20, max_objects=1, background="plain", object_scale=(0.3, 0.45))
+    for i in range(20):
+        x = d[i]
+        seg, img = x["segmentation"], x["image"]
+        assert set(seg.unique().tolist()) <= {0, x["class_label"].item() + 1}  # one object: its class is the label
+        background = img[:, seg == 0]
+        assert torch.allclose(background, background[:, :1].expand_as(background), atol=1e-6)  # one flat colour
+        assert (seg > 0).float().mean() > 0.08  # larger objects than the default's smallest
+    # the default (textured) images are unchanged by the options' existence
+    assert torch.equal(ShapesDataset("train", 32, size=2)[1]["image"],
+                       ShapesDataset("train", 32, size=2, background="textured", object_scale=(0.14, 0.34))[1]["image"])
+    cfg = compose(["data.background=plain", "data.object_scale=[0.2,0.3]"])
+    built = build_datasets(cfg)[0]
+    assert built.background == "plain" and built.object_scale == (0.2, 0.3)
+    with pytest.raises(ValueError, match="data.background"):
+        ShapesDataset("train", 32, background="stripes")
+    with pytest.raises(ValueError, match="data.object_scale"):
+        ShapesDataset("train", 32, object_scale=(0.4, 0.2))
+
+
 def _write(path, img):
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -43,7 +43,8 @@ def build_dataset(cfg: DictConfig, train: bool) -> Dataset:
     split = "train" if train else "validation"
     if name == "shapes":
         return ShapesDataset(split, cfg.resolution, cfg.train_size if train else cfg.val_size, cfg.seed,
-                             cfg.get("max_objects", 4), flip=train and cfg.get("flip", True))
+                             cfg.get("max_objects", 4), flip=train and cfg.get("flip", True),
+                             background=cfg.get("background", "textured"), object_scale=cfg.get("object_scale", (0.14, 0.34)))
     if name == "folder":
         sub = cfg.get("train_dir" if train else "val_dir")
         root = Path(cfg.root) / sub if sub else Path(cfg.root)

@@ -1,7 +1,8 @@
 """``shapes``: the embedded default dataset — procedural, deterministic by seed, no download.
 
 Each image shows 1-4 coloured geometric objects (circle, square, triangle, diamond,
-cross, ring) of random size and position over a textured background, later objects
+cross, ring) of random size and position over a textured background (or, with
+``background="plain"``, one flat colour: an easier variant for short runs), later objects
 occluding earlier ones. Every item also carries
 
 * ``class_label``: the shape class of the dominant object (most visible pixels),
@@ -46,24 +47,31 @@ def _shape_mask(kind: int, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float,
     raise ValueError(name)
 
 
-def render_shapes(rng: np.random.Generator, resolution: int, max_objects: int = 4):
+BACKGROUNDS = ("textured", "plain")
+
+
+def render_shapes(rng: np.random.Generator, resolution: int, max_objects: int = 4, background: str = "textured",
+                  object_scale: tuple[float, float] = (0.14, 0.34)):
     """One sample: image uint8 [H,W,3], label int, segmentation uint8 [H,W], depth float32 [H,W]."""
     H = W = resolution
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
-    # textured background: a colour gradient plus oriented stripes and noise
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    t = (np.cos(rng.uniform(0, np.pi)) * xx + np.sin(rng.uniform(0, np.pi)) * yy) / (H + W)
-    img = c0 * (1 - t[..., None]) + c1 * t[..., None]
-    freq, phase = rng.uniform(0.15, 0.6), rng.uniform(0, 2 * np.pi)
-    img += 18 * np.sin(freq * (xx + rng.uniform(-1, 1) * yy) + phase)[..., None]
-    img += rng.normal(0, 6, size=img.shape)
+    c0 = rng.uniform(0, 255, 3)
+    if background == "plain":
+        img = np.broadcast_to(c0, (H, W, 3)).astype(np.float64)
+    else:  # textured: a colour gradient plus oriented stripes and noise
+        c1 = rng.uniform(0, 255, 3)
+        t = (np.cos(rng.uniform(0, np.pi)) * xx + np.sin(rng.uniform(0, np.pi)) * yy) / (H + W)
+        img = c0 * (1 - t[..., None]) + c1 * t[..., None]
+        freq, phase = rng.uniform(0.15, 0.6), rng.uniform(0, 2 * np.pi)
+        img += 18 * np.sin(freq * (xx + rng.uniform(-1, 1) * yy) + phase)[..., None]
+        img += rng.normal(0, 6, size=img.shape)
     seg = np.zeros((H, W), np.uint8)
     depth = 0.6 + 0.4 * yy / H  # floor receding towards the top
     owner = np.full((H, W), -1, np.int64)
     n = int(rng.integers(1, max_objects + 1))
     kinds = rng.integers(0, len(SHAPE_CLASSES), size=n)
     for j, kind in enumerate(kinds):  # later objects are nearer and occlude earlier ones
-        r = rng.uniform(0.14, 0.34) * resolution
+        r = rng.uniform(*object_scale) * resolution
         cx, cy = rng.uniform(r * 0.6, W - r * 0.6), rng.uniform(r * 0.6, H - r * 0.6)
         # squares, diamonds and triangles stay near-upright so that the class is visible
         rot = rng.uniform(0, 2 * np.pi) if SHAPE_CLASSES[kind] in ("circle", "cross", "ring") else rng.uniform(-0.25, 0.25)
@@ -88,13 +96,20 @@ class ShapesDataset(Dataset):
     num_classes = len(SHAPE_CLASSES)  # image-level classes; segmentation has num_classes + 1 ids
 
     def __init__(self, split: str = "train", resolution: int = 32, size: int = 20000, seed: int = 0,
-                 max_objects: int = 4, flip: bool = False):
+                 max_objects: int = 4, flip: bool = False, background: str = "textured",
+                 object_scale: tuple[float, float] = (0.14, 0.34)):
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"data.split must be one of {sorted(_SPLIT_OFFSET)}, got '{split}'")
         if resolution < 8:
             raise ValueError(f"data.resolution={resolution} is too small for shapes (>= 8)")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"data.background={background!r} must be one of {', '.join(BACKGROUNDS)}")
         self.split, self.resolution, self.size, self.seed = split, resolution, size, seed
-        self.max_objects, self.flip = max_objects, flip
+        lo, hi = (float(v) for v in object_scale)
+        if not 0.0 < lo <= hi <= 0.5:
+            raise ValueError(f"data.object_scale={[lo, hi]} must be [min, max] object radii as fractions of "
+                             "data.resolution with 0 < min <= max <= 0.5")
+        self.max_objects, self.flip, self.background, self.object_scale = max_objects, flip, background, (lo, hi)
         self.classes = list(SHAPE_CLASSES)
 
     def __len__(self) -> int:
@@ -102,7 +117,7 @@ class ShapesDataset(Dataset):
 
     def render(self, index: int):
         rng = np.random.default_rng([self.seed, _SPLIT_OFFSET[self.split] + index])
-        return render_shapes(rng, self.resolution, self.max_objects)
+        return render_shapes(rng, self.resolution, self.max_objects, self.background, self.object_scale)
 
     def __getitem__(self, index: int) -> dict:
         img, label, seg, depth = self.render(index)
