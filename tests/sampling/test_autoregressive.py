@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vqtransformer.models.gpt import GPT, PackedLinear, for_cpu_inference
+from vqtransformer.models.gpt import GPT, SplitLinear, for_cpu_inference
 from vqtransformer.sampling.autoregressive import (
     SamplingParams,
     guide,
@@ -167,13 +167,14 @@ def test_bad_inputs():
             SamplingParams(**bad)
 
 
-def test_cpu_inference_copy_samples_like_the_model():
+@pytest.mark.parametrize("batch_hint", [1, 8])  # x W^T blocks for single rows, W x^T blocks for batches
+def test_cpu_inference_copy_samples_like_the_model(batch_hint):
     gpt = make_gpt()
-    fast = for_cpu_inference(gpt, batch_hint=3)
-    if fast is gpt:
-        pytest.skip("no oneDNN on this build")
-    assert any(isinstance(m, PackedLinear) for m in fast.modules())
-    assert not any(isinstance(m, PackedLinear) for m in gpt.modules())  # the model itself is untouched
+    fast = for_cpu_inference(gpt, batch_hint=batch_hint)
+    assert fast is not gpt
+    assert all(b.attn.fused_qkv is not None and b.attn.query is None for b in fast.blocks)
+    assert any(isinstance(m, SplitLinear) for m in fast.modules())
+    assert not any(isinstance(m, SplitLinear) for m in gpt.modules())  # the model itself is untouched
     x = gpt.sequence(torch.randint(0, C, (3, 1)), torch.randint(0, V, (3, 12)))
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), gpt(x), rtol=1e-4, atol=1e-4)

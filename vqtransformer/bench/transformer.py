@@ -3,8 +3,8 @@ naive sampler (the whole sequence recomputed per step) on the same model and see
 both produce the same tokens.
 
 Reference model: 12 layers x 8 heads x 512 wide, vocabulary 1024, fp32, untrained (sampling
-speed does not depend on the weights); on the CPU sampled through ``for_cpu_inference`` (oneDNN
-pre-packed Linear weights), as the stage does. Sampling: a start token, then ``seq_len`` codes, batch 1
+speed does not depend on the weights); on the CPU sampled through ``for_cpu_inference`` (fused
+query/key/value, weights in per-thread blocks: ``SplitLinear``), as the stage does. Sampling: a start token, then ``seq_len`` codes, batch 1
 and 16. Targets at 256 tokens on the project's 2-core CPU: >= 200 tokens/s (batch 1) and
 >= 1500 tokens/s (batch 16), of rough bounds 260 (weights streamed from memory once per
 token) and 2900 (peak fp32 FLOP/s); rows report the fraction of the bound.
@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vqtransformer.models.gpt import GPT, PackedLinear, for_cpu_inference
+from vqtransformer.models.gpt import GPT, SplitLinear, for_cpu_inference
 from vqtransformer.sampling.autoregressive import SamplingParams, make_generator, sample_cached, sample_naive
 
 REF = {"vocab_size": 1024, "n_layer": 12, "n_head": 8, "n_embd": 512}
@@ -88,9 +88,9 @@ def bench_sampling(device: torch.device, seq_len: int, batch: int, quick: bool) 
     nsec, naive_codes = _best(lambda: sample_naive(gpt, c, window, prefix, params=params, generator=gen()), device, 1)
     cached_codes = codes if window == seq_len else sample_cached(gpt, c, window, prefix, params=params, generator=gen())
     naive = batch * window / nsec
-    packed = any(isinstance(m, PackedLinear) for m in gpt.modules())
+    split = any(isinstance(m, SplitLinear) for m in gpt.modules())
     common = {"bench": "transformer", "device": str(device), "model": "12x8x512", "seq_len": seq_len, "batch": batch,
-              "linear": "onednn-packed" if packed else "aten", "load_1m": os.getloadavg()[0]}  # others' load skews CPU numbers
+              "linear": "split-fused-qkv" if split else "aten", "load_1m": os.getloadavg()[0]}  # others' load skews CPU numbers
     row = {**common, "case": "sample_cached", "tokens_per_s": cached, "speedup_vs_naive": cached / naive,
            "same_tokens_as_naive": bool(torch.equal(naive_codes, cached_codes))}
     if seq_len == 256 and batch in TARGET:

@@ -95,38 +95,57 @@ class GPT(nn.Module):
                 {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
 
 
-class PackedLinear(nn.Module):
-    """Inference-only ``nn.Linear`` whose weight is pre-packed for oneDNN (CPU): the same product,
-    but the small-batch GEMMs of token-by-token decoding run ~1.2-2x faster than through MKL."""
+class SplitLinear(nn.Module):
+    """Inference-only ``nn.Linear`` for token-by-token decoding on the CPU: the same product, with the
+    weight stored as ``splits`` blocks of output columns and multiplied as one batched matmul, so
+    that each intra-op thread streams its own block of weights (MKL parallelises small-batch
+    products poorly). Single rows (``batch_hint`` <= 4) use ``x @ W^T`` blocks [S, in, out/S];
+    batches use ``W x^T`` blocks [S, out/S, in] (faster each in ``make bench``)."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, splits: int = 2):
         super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        out, inp = weight.shape
+        s = splits if out % splits == 0 else 1
+        self.rows_first = batch_hint > 4
+        w = weight.detach()
+        w = w.reshape(s, out // s, inp) if self.rows_first else w.t().reshape(inp, s, out // s).transpose(0, 1)
+        self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if self.rows_first:  # [S, out/S, in] @ [in, M] -> [out, M] -> [M, out]
+            y = torch.matmul(self.weight, x2.t()).reshape(-1, x2.shape[0]).t()
+        else:  # [M, in] @ [S, in, out/S] -> [S, M, out/S] -> [M, out]
+            y = torch.matmul(x2, self.weight).transpose(0, 1).reshape(x2.shape[0], -1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, y.shape[-1])
 
 
 def for_cpu_inference(gpt: GPT, batch_hint: int = 1) -> GPT:
-    """A copy of ``gpt`` with oneDNN-packed Linear layers for sampling on the CPU, or ``gpt`` itself
-    where that does not apply (other devices, autocast, no oneDNN, or a probe that disagrees)."""
+    """A copy of ``gpt`` for sampling on the CPU: query/key/value fused into one product and every
+    Linear a :class:`SplitLinear`; ``gpt`` itself where that does not apply (other devices,
+    autocast, or a probe that disagrees with the model)."""
     p = gpt.pos_emb
-    if p.device.type != "cpu" or p.dtype != torch.float32 or torch.is_autocast_enabled("cpu") \
-            or not torch.backends.mkldnn.is_available():
+    if p.device.type != "cpu" or p.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return gpt
-    try:
-        packed = copy.deepcopy(gpt).eval().requires_grad_(False)
-        for module in list(packed.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, PackedLinear(child, batch_hint))
-        was_training = gpt.training
-        with torch.inference_mode():
-            probe = torch.arange(min(4, gpt.block_size)).view(1, -1) % gpt.vocab_size
-            ref = gpt.eval()(probe)
-            gpt.train(was_training)
-            ok = torch.allclose(packed(probe), ref, rtol=1e-4, atol=1e-4)
-    except (RuntimeError, AttributeError):  # private oneDNN ops missing or changed
-        return gpt
-    return packed if ok else gpt
+    splits = max(1, torch.get_num_threads())
+    fast = copy.deepcopy(gpt).eval().requires_grad_(False)
+    for block in fast.blocks:
+        a = block.attn
+        w = torch.cat((a.query.weight, a.key.weight, a.value.weight))
+        b = torch.cat((a.query.bias, a.key.bias, a.value.bias))
+        a.fused_qkv = SplitLinear(w, b, batch_hint, splits)
+        a.query = a.key = a.value = None
+    for module in list(fast.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, SplitLinear(child.weight, child.bias, batch_hint, splits))
+    was_training = gpt.training
+    with torch.inference_mode():
+        probe = torch.arange(min(4, gpt.block_size)).view(1, -1) % gpt.vocab_size
+        ref = gpt.eval()(probe)
+        gpt.train(was_training)
+        ok = torch.allclose(fast(probe), ref, rtol=1e-4, atol=1e-4)
+    return fast if ok else gpt

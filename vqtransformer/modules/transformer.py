@@ -49,6 +49,7 @@ class SelfAttention(nn.Module):
         self.attn_pdrop = attn_pdrop
         self.n_head = n_head
         self.causal = causal
+        self.fused_qkv: nn.Module | None = None  # inference copies: one [3C, C] product for query/key/value
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         B, T, C = t.shape
@@ -57,7 +58,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if self.fused_qkv is not None:
+            q, k, v = map(self._heads, self.fused_qkv(x).split(C, dim=-1))
+        else:
+            q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         dropout = self.attn_pdrop if self.training else 0.0
         if cache is not None:
             start = cache.length
