@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.config import ConfigError
 from vqtransformer.data.codes import CodeCache, cache_key, fingerprint
-from vqtransformer.models.conditioning import ConditionError, Conditioning, build_conditioning
+from vqtransformer.models.conditioning import ConditionError, Conditioning, build_conditioning, one_hot_map
 from vqtransformer.models.gpt import GPT, for_cpu_inference
 from vqtransformer.sampling.autoregressive import SamplingParams, make_generator, sample
 from vqtransformer.stages.base import OptimizerSpec, Stage
+from vqtransformer.stages.vqgan import colorize
 
 
 def lr_schedule(schedule: str, warmup_steps: int, max_steps: int):
@@ -72,6 +73,8 @@ class TransformerStage(Stage):
 
             first_stage = load_first_stage(cfg.first_stage)
         self.first_stage = first_stage.eval().requires_grad_(False)
+        # a first stage trained with data.target=segmentation|depth makes this a prior over those maps
+        self.image_key = getattr(first_stage, "target", "image")
         V = int(first_stage.quantize.n_embed)
         if tr.get("vocab_size") and int(tr.vocab_size) != V:
             raise ConfigError(f"transformer.vocab_size={tr.vocab_size} but the first stage "
@@ -153,11 +156,28 @@ class TransformerStage(Stage):
             if hit is not None:
                 c = hit["c"] if "c" in hit else self.cond.encode(batch, size)
                 return hit["z"].to(self.device), c.to(self.device).flatten(1)
-        z = self.first_stage.encode_to_indices(image.to(self.device)).flatten(1)
+        z = self.first_stage.encode_to_indices(self.first_stage_input(image)).flatten(1)
         c = self.cond.encode(batch, size).to(self.device).flatten(1)
         if fp is not None:
             cache.store(batch["index"], fp, z=z, **({"c": c} if self.cond.spatial else {}))
         return z, c
+
+    def first_stage_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``batch[image_key]`` as the first stage takes it (label maps one-hot, as stage=vqgan trains them)."""
+        x = x.to(self.device)
+        if self.image_key == "segmentation":
+            return one_hot_map(x, self.first_stage.encoder.conv_in.in_channels)
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] -> RGB [B, 3, H, W] in [-1, 1] (label maps coloured, depth maps grey)."""
+        return self.show(self.first_stage.decode_indices(z), decoded=True)
+
+    def show(self, x: torch.Tensor, decoded: bool = False) -> torch.Tensor:
+        if self.image_key == "segmentation":
+            labels = x.argmax(1) if decoded else x
+            return colorize(labels, self.first_stage.encoder.conv_in.in_channels).to(x.device)
+        return (x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x).clamp(-1, 1)
 
     def logits(self, gpt: nn.Module, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [B, h*w, V]: output Lc - 1 + i predicts s_i from (c, s_<i)."""
@@ -220,7 +240,7 @@ class TransformerStage(Stage):
         cond = self.cond.from_batch(b)
         half = self.sample(n, cond, z=z, start=z[0].numel() // 2, seed=seed)
         samples = self.sample(n, cond, seed=seed + 1)
-        rows = [b[self.image_key], self.first_stage.decode_indices(z), half, samples]
+        rows = [self.show(b[self.image_key].to(self.device)), self.decode(z), half, samples]
         shown = self.cond.show(b, self.image_size) if self.cond.type != "none" else None
         return {"samples": image_grid(([shown] if shown is not None else []) + rows)}
 
@@ -294,7 +314,7 @@ class TransformerStage(Stage):
             gpt.train(was_training)
 
     def _inference_gpt(self, gpt: GPT, batch: int) -> GPT:
-        """The GPT to sample with: on the CPU a oneDNN-packed copy, re-made when the weights changed."""
+        """The GPT to sample with: on the CPU a copy made by ``for_cpu_inference``, re-made when the weights change."""
         key = (id(gpt), batch, tuple(p._version for p in gpt.parameters()))
         if getattr(self, "_packed", (None,))[0] != key:
             self._packed = (key, for_cpu_inference(gpt, batch))
@@ -305,7 +325,7 @@ class TransformerStage(Stage):
         """n images [n, 3, H, W] in [-1, 1] (see :meth:`sample_codes`). ``condition``: None (start token;
         class-balanced labels; validation maps), class labels (int, list, tensor) or a dict of maps
         (``segmentation`` [n, H, W], ``depth`` [n, 1, H, W], ``coord``, ``lowres``)."""
-        return self.first_stage.decode_indices(self.sample_codes(n, condition, **kwargs)).clamp(-1, 1)
+        return self.decode(self.sample_codes(n, condition, **kwargs))
 
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

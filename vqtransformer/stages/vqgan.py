@@ -223,7 +223,12 @@ class VQGANStage(Stage):
         return {"reconstructions": image_grid([x, xrec])}  # inputs above, reconstructions below
 
     def colorize(self, labels: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        palette = torch.rand(self.num_seg_classes, 3, generator=g) * 2 - 1
-        palette[0] = -1
-        return palette[labels.cpu()].permute(0, 3, 1, 2)
+        return colorize(labels, self.num_seg_classes)
+
+
+def colorize(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label maps [B, H, W] -> RGB [B, 3, H, W] in [-1, 1]: a fixed palette, background (id 0) black."""
+    g = torch.Generator().manual_seed(0)
+    palette = torch.rand(num_classes, 3, generator=g) * 2 - 1
+    palette[0] = -1
+    return palette[labels.cpu()].permute(0, 3, 1, 2)

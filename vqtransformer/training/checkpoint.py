@@ -162,4 +162,5 @@ def load_first_stage(first_stage_cfg, tracking_uri: str | None = None):
     model = stage.unwrap(stage.vqgan)
     model.eval().requires_grad_(False)
     model.checkpoint_path = str(path)
+    model.target = stage.target  # what it encodes (its data.target): image | segmentation | depth
     return model
