@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, Dataset
 
 from vqtransformer.data.images import DataError, ImagePaths, folder_dataset, list_images, read_file_list
-from vqtransformer.data.shapes import ShapesDataset
+from vqtransformer.data.shapes import BACKGROUNDS, OBJECT_SCALE, ShapesDataset
 
 __all__ = ["build_datasets", "DataError", "ShapesDataset"]
 
@@ -44,7 +44,7 @@ def build_dataset(cfg: DictConfig, train: bool) -> Dataset:
     if name == "shapes":
         return ShapesDataset(split, cfg.resolution, cfg.train_size if train else cfg.val_size, cfg.seed,
                              cfg.get("max_objects", 4), flip=train and cfg.get("flip", True),
-                             background=cfg.get("background", "textured"), object_scale=cfg.get("object_scale", (0.14, 0.34)))
+                             background=cfg.get("background", BACKGROUNDS[0]), object_scale=cfg.get("object_scale", OBJECT_SCALE))
     if name == "folder":
         sub = cfg.get("train_dir" if train else "val_dir")
         root = Path(cfg.root) / sub if sub else Path(cfg.root)

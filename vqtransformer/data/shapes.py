@@ -48,10 +48,11 @@ def _shape_mask(kind: int, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float,
 
 
 BACKGROUNDS = ("textured", "plain")
+OBJECT_SCALE = (0.14, 0.34)  # default object radius range, as fractions of the resolution
 
 
 def render_shapes(rng: np.random.Generator, resolution: int, max_objects: int = 4, background: str = "textured",
-                  object_scale: tuple[float, float] = (0.14, 0.34)):
+                  object_scale: tuple[float, float] = OBJECT_SCALE):
     """One sample: image uint8 [H,W,3], label int, segmentation uint8 [H,W], depth float32 [H,W]."""
     H = W = resolution
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
@@ -97,7 +98,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, split: str = "train", resolution: int = 32, size: int = 20000, seed: int = 0,
                  max_objects: int = 4, flip: bool = False, background: str = "textured",
-                 object_scale: tuple[float, float] = (0.14, 0.34)):
+                 object_scale: tuple[float, float] = OBJECT_SCALE):
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"data.split must be one of {sorted(_SPLIT_OFFSET)}, got '{split}'")
         if resolution < 8:

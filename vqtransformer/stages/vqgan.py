@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from vqtransformer.losses.gan import D_LOSSES, generator_loss
 from vqtransformer.losses.perceptual import build_lpips
+from vqtransformer.models.conditioning import one_hot_map
 from vqtransformer.models.vqgan import VQModel, split_taming_state_dict
 from vqtransformer.modules.discriminator import NLayerDiscriminator
 from vqtransformer.stages.base import OptimizerSpec, Stage
@@ -115,7 +116,7 @@ class VQGANStage(Stage):
     def inputs(self, batch: dict) -> torch.Tensor:
         x = batch[self.target]
         if self.target == "segmentation":
-            x = F.one_hot(x.long(), self.num_seg_classes).permute(0, 3, 1, 2).float() * 2 - 1
+            x = one_hot_map(x, self.num_seg_classes)
         if self.cfg.trainer.get("channels_last", True):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
