@@ -10,7 +10,7 @@ UI_PORT ?= 5000
 SERVER_PORT ?= 5001
 ROOT := $(abspath .)
 
-.PHONY: shapes-vqgan shapes-seg-vq shapes-transformer install train test test-all bench bench-quality ui mlflow-server slurm-up slurm-down lint clean
+.PHONY: evaluate shapes-vqgan shapes-seg-vq shapes-transformer install train test test-all bench bench-quality ui mlflow-server slurm-up slurm-down lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ $(STAMP): pyproject.toml
 ## The main job: train the tiny VQGAN on the embedded `shapes` dataset (CPU, ~10 min).
 train: install
 	$(PY) train.py $(ARGS)
+
+## Score the newest training run under outputs/ (or CKPT=path/to/last.ckpt) into its MLflow run.
+## On data=shapes the feature network is the shapes judge (offline; trained once and cached).
+CKPT ?= $(shell find outputs -path '*/checkpoints/last.ckpt' -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2)
+evaluate: install
+	@test -n "$(CKPT)" || { echo "make evaluate: no outputs/**/checkpoints/last.ckpt yet; run 'make train' first (or pass CKPT=...)"; exit 2; }
+	$(PY) evaluate.py ckpt=$(CKPT) $(ARGS)
 
 ## Stage 2 on shapes, end to end: `make shapes-transformer COND=none|class|segmentation`
 ## trains the tiny VQGAN once (and, for segmentation, a VQ model of the label maps), then a tiny GPT, then samples.

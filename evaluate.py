@@ -113,6 +113,7 @@ def log_result(client, result: dict) -> None:
             "eval.protocol_id": s["protocol_id"], "eval.protocol": json.dumps(s["protocol"], sort_keys=True),
             "eval.request_id": s["request_id"], "eval.checkpoint": s["checkpoint"],
             "eval.notes": " | ".join(s["notes"]) or "-", "eval.metric_keys": ",".join(s["metrics"])}
+    tags.update({f"eval.split.{k}": v for k, v in (s.get("split") or {}).items()})  # which images were scored
     client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
     log.info("logged %d eval metrics to run %s", len(metrics), run_id)
 

@@ -28,7 +28,7 @@ log = logging.getLogger("sample")
 #: the sampling options each generator stage takes (null values keep the run's own defaults)
 SAMPLE_KEYS = {
     "transformer": ("temperature", "top_k", "top_p", "cfg_scale"),
-    "vqdiffusion": ("steps", "truncation_rate", "cfg_scale", "sampler"),
+    "vqdiffusion": ("steps", "truncation_rate", "cfg_scale", "sampler", "prior_weight"),
     "vitgan": (),
 }
 
@@ -58,9 +58,10 @@ def _run_dir(ckpt: Path, run_id: str | None, tracking_uri: str | None) -> Path:
 def run(cfg: DictConfig) -> Path:
     import torch
     from torch.utils.data import default_collate
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import save_image
 
     from vqtransformer.config import ConfigError
+    from vqtransformer.grids import image_grid, square_grid
     from vqtransformer.stages import build_stage
     from vqtransformer.training import checkpoint as ckpt_io
 
@@ -122,13 +123,18 @@ def run(cfg: DictConfig) -> Path:
         x = stage.sample(b, condition, seed=int(cfg.seed) + k, **kw, **params)
         images.append(x.cpu())
         log.info("sampled %d/%d", start + b, cfg.n)
-    x = torch.cat(images).add(1).div(2).clamp(0, 1)
+    samples = torch.cat(images)
+    x = samples.add(1).div(2).clamp(0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    nrow = max(1, int(round(cfg.n ** 0.5)))
-    save_image(make_grid(x, nrow=nrow, padding=1, pad_value=1.0), out_dir / "grid.png")
+    # class-balanced samples: one row per class (sample i has class i % C); else about square
+    n_cls = stage.num_classes if cond_type == "class" and cfg.class_label is None else 0
+    if n_cls and cfg.n >= n_cls:
+        grid = image_grid([samples[c::n_cls] for c in range(n_cls)])
+    else:
+        grid = square_grid(samples, max(1, int(round(cfg.n ** 0.5))))
+    save_image(grid, out_dir / "grid.png")  # tiles upscaled (nearest) to >= 128 px
     if inputs:
-        ref = torch.cat(inputs).add(1).div(2).clamp(0, 1)
-        save_image(make_grid(torch.cat((ref, x)), nrow=cfg.n, padding=1, pad_value=1.0), out_dir / "inputs_and_completions.png")
+        save_image(image_grid([torch.cat(inputs), samples]), out_dir / "inputs_and_completions.png")
     if cfg.singles:
         for i, img in enumerate(x):
             save_image(img, out_dir / f"sample_{i:05d}.png")

@@ -93,6 +93,8 @@ def _validate_vqgan(cfg: DictConfig) -> None:
                       f"data.resolution={dc.resolution} (feature maps: {sizes})")
     for key in ("ch", "z_channels"):
         _require(fs[key] % 32 == 0, f"first_stage.{key}={fs[key]} must be a multiple of 32 (GroupNorm with 32 groups)")
+    gmin = fs.get("norm_min_group_channels", 1)
+    _require(gmin in (1, 2, 4, 8), f"first_stage.norm_min_group_channels={gmin} must be 1 (taming), 2, 4 or 8")
     for m in fs.ch_mult:
         _require((fs.ch * m) % 32 == 0, f"first_stage.ch*ch_mult must be multiples of 32 (GroupNorm); got ch={fs.ch}, "
                                         f"ch_mult={list(fs.ch_mult)}")

@@ -173,6 +173,56 @@ def test_stage_r1_and_sampling(compose_cfg, accelerator):
         stage.training_step({"image": torch.zeros(2, 3, 32, 32)}, 0, 0)
 
 
+def test_bcr_views_are_independent_augmentations_of_the_raw_images(compose_cfg, monkeypatch):
+    """bCR compares D(T1(x)) with D(T2(x)), T1 = DiffAugment (augment.policy), T2 = bcr.policy, each drawn
+    once on the raw reals / detached fakes, not D(T1(x)) with D(T2(T1(x)))."""
+    import vqtransformer.stages.vitgan as vitgan_stage
+
+    # a recognisable "augmentation": adds 0.25 (augment policy) or 4.0 (bcr policy), so T2(T1(x)) = x + 4.25
+    shift = {"color,translation,cutout": 0.25, "translation": 4.0}
+    calls = []
+
+    def tagged(x, policy="color,translation,cutout", strength=1.0):
+        calls.append((policy, x.detach().clone()))
+        return x + shift[policy]
+
+    monkeypatch.setattr(vitgan_stage, "DiffAugment", tagged)
+    stage = make_stage(compose_cfg, "vitgan.bcr.policy=translation")
+    seen = []
+    stage.discriminator.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    real = torch.rand(3, 3, 16, 16) * 2 - 1
+    loss, logs = stage.training_step({"image": real}, 0, 1)
+    assert "bcr" in logs and torch.isfinite(loss)
+    (x,) = seen  # one D forward for all four views
+    assert x.shape[0] == 4 * 3
+    raw = calls[0][1]  # [real, detached fake]
+    torch.testing.assert_close(raw[:3], real)
+    assert [p for p, _ in calls] == ["color,translation,cutout", "translation"]
+    assert all(torch.equal(inp, raw) for _, inp in calls)  # both augmentations see the raw batch
+    torch.testing.assert_close(x[:6], raw + 0.25)  # T1(real), T1(fake): the adversarial views
+    torch.testing.assert_close(x[6:], raw + 4.0)   # T2(real), T2(fake): one augmentation from raw, not x + 4.25
+
+
+def test_bcr_second_view_is_not_the_first_augmented_again(compose_cfg):
+    """With the real DiffAugment (seeded): brightness-only T1 and translation T2. T2 of the raw image keeps the
+    raw pixel values (a shift with zero fill); T2(T1(x)) would carry T1's per-image brightness offset."""
+    stage = make_stage(compose_cfg, "vitgan.augment.policy=color", "vitgan.augment.strength=1.0",
+                       "vitgan.bcr.policy=translation")
+    seen = []
+    stage.discriminator.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(3)
+    real = torch.rand(4, 3, 16, 16) * 0.5 + 0.25  # values in [0.25, 0.75]: no pixel is 0
+    stage.training_step({"image": real}, 0, 1)
+    (x,) = seen
+    view1, view3 = x[:4], x[8:12]
+    assert not torch.allclose(view1, real)  # T1 changed the colours
+    for i in range(4):
+        inside = view3[i] != 0  # translation fills the border with zeros; the rest are raw pixels
+        assert inside.float().mean() > 0.5
+        raw_values = set(real[i].flatten().tolist())
+        assert all(v in raw_values for v in view3[i][inside].tolist()), "T2 was applied to T1(x), not to x"
+
+
 def test_stage_checkpoint_round_trip(compose_cfg, accelerator):
     stage = make_stage(compose_cfg)
     stage.setup(accelerator)

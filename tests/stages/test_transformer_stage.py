@@ -269,8 +269,10 @@ def test_train_then_sample_end_to_end(tmp_path, mlflow_uri):
     for key in ("loss/train", "val/nll", "val/bpd", "lr/transformer"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/nll")] == [2, 4]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "images")] == [
-        "images/samples_step0000002.png", "images/samples_step0000004.png"]
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert {"images/samples_step0000002.png", "images/samples_step0000004.png"} <= set(arts)
+    # class-conditional: a second grid with one row per class
+    assert {"images/class_samples_step0000002.png", "images/class_samples_step0000004.png"} <= set(arts)
     assert list((tmp_path / "cache").glob("codes-validation-*.pt"))
 
     out = tmp_path / "samples"

@@ -11,8 +11,9 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from vqtransformer.data.images import DataError, ImagePaths, folder_dataset, list_images, read_file_list
 from vqtransformer.data.shapes import BACKGROUNDS, OBJECT_SCALE, ShapesDataset
+from vqtransformer.data.splits import balanced_indices, holdout, log_split_summary, split_summary
 
-__all__ = ["build_datasets", "DataError", "ShapesDataset"]
+__all__ = ["build_datasets", "DataError", "ShapesDataset", "balanced_indices", "split_summary"]
 
 
 def _common(cfg: DictConfig) -> dict:
@@ -20,9 +21,20 @@ def _common(cfg: DictConfig) -> dict:
             "max_bad_fraction": cfg.get("max_bad_fraction", 0.01)}
 
 
-def _holdout(paths: list[Path], val_fraction: float, train: bool) -> list[Path]:
-    n_val = max(1, int(round(len(paths) * val_fraction)))
-    return paths[:-n_val] if train else paths[-n_val:]
+def _ruled(ds: Dataset, rule: str) -> Dataset:
+    ds.split_rule = rule  # how the split was made: data.split.rule in split_summary
+    return ds
+
+
+def _held_out(ds: ImagePaths, root: Path, cfg: DictConfig, train: bool) -> ImagePaths:
+    """``ds`` cut to its side of the hashed, class-stratified hold-out (vqtransformer.data.splits.holdout)."""
+    fraction, seed = cfg.get("val_fraction", 0.02), int(cfg.get("seed", 0))
+    train_idx, val_idx = holdout(ds.paths, root, fraction, seed, ds.labels)
+    keep = train_idx if train else val_idx
+    ds.paths = [ds.paths[i] for i in keep]
+    if ds.labels is not None:
+        ds.labels = [ds.labels[i] for i in keep]
+    return _ruled(ds, f"hashed holdout val_fraction={fraction} seed={seed}{' per class' if ds.labels is not None else ''}")
 
 
 def _faces(cfg: DictConfig, which: str, train: bool) -> ImagePaths:
@@ -33,56 +45,57 @@ def _faces(cfg: DictConfig, which: str, train: bool) -> ImagePaths:
     list_key = f"{which}_{'train' if train else 'val'}_list"
     if cfg.get(list_key):
         paths = read_file_list(Path(cfg[list_key]), Path(root), f"data.{list_key}")
-    else:
-        paths = _holdout(list_images(Path(root), root_key), cfg.get("val_fraction", 0.02), train)
-    return ImagePaths(paths, cfg.resolution, train, **_common(cfg))
+        return _ruled(ImagePaths(paths, cfg.resolution, train, **_common(cfg)), f"data.{list_key}")
+    root = Path(root).expanduser()
+    return _held_out(ImagePaths(list_images(root, root_key), cfg.resolution, train, **_common(cfg)), root, cfg, train)
 
 
 def build_dataset(cfg: DictConfig, train: bool) -> Dataset:
     name = cfg.name
     split = "train" if train else "validation"
     if name == "shapes":
-        return ShapesDataset(split, cfg.resolution, cfg.train_size if train else cfg.val_size, cfg.seed,
-                             cfg.get("max_objects", 4), flip=train and cfg.get("flip", True),
-                             background=cfg.get("background", BACKGROUNDS[0]), object_scale=cfg.get("object_scale", OBJECT_SCALE))
+        ds = ShapesDataset(split, cfg.resolution, cfg.train_size if train else cfg.val_size, cfg.seed,
+                           cfg.get("max_objects", 4), flip=train and cfg.get("flip", True),
+                           background=cfg.get("background", BACKGROUNDS[0]), object_scale=cfg.get("object_scale", OBJECT_SCALE))
+        return _ruled(ds, f"procedural seed={cfg.seed} ({split} offset)")
     if name == "folder":
         sub = cfg.get("train_dir" if train else "val_dir")
         root = Path(cfg.root) / sub if sub else Path(cfg.root)
-        if not sub:  # one directory: deterministic hold-out
-            ds = folder_dataset(root, cfg.resolution, train, **_common(cfg))
-            keep = _holdout(list(range(len(ds))), cfg.get("val_fraction", 0.02), train)
-            ds.paths = [ds.paths[i] for i in keep]
-            if ds.labels is not None:
-                ds.labels = [ds.labels[i] for i in keep]
-            return ds
-        return folder_dataset(root, cfg.resolution, train, key=f"data.{'train' if train else 'val'}_dir", **_common(cfg))
+        if not sub:  # one directory: hashed hold-out, stratified by class subfolder
+            root = root.expanduser()
+            return _held_out(folder_dataset(root, cfg.resolution, train, **_common(cfg)), root, cfg, train)
+        key = f"data.{'train' if train else 'val'}_dir"
+        return _ruled(folder_dataset(root, cfg.resolution, train, key=key, **_common(cfg)), key)
     if name == "cifar10":
         root = Path(cfg.root).expanduser()
         sub = root / ("train" if train else "test")
         if not sub.is_dir():
             raise DataError(f"data.root: '{root}' has no '{sub.name}/' folder; point data.root at the extracted "
                             "CIFAR-10 image folders (train/<class>/*.jpg, test/<class>/*.jpg)")
-        return folder_dataset(sub, cfg.resolution, train, **_common(cfg))
+        return _ruled(folder_dataset(sub, cfg.resolution, train, **_common(cfg)), "train/ and test/ folders")
     if name == "filelist":
         key = "train_list" if train else "val_list"
         if not cfg.get(key):
             raise DataError(f"data.{key} is not set; give a text file with one image path per line")
         paths = read_file_list(Path(cfg[key]), Path(cfg.root) if cfg.get("root") else None, f"data.{key}")
-        return ImagePaths(paths, cfg.resolution, train, **_common(cfg))
+        return _ruled(ImagePaths(paths, cfg.resolution, train, **_common(cfg)), f"data.{key}")
     if name in ("ffhq", "celebahq"):
         return _faces(cfg, name, train)
     if name == "faceshq":
-        return ConcatDataset([_faces(cfg, "celebahq", train), _faces(cfg, "ffhq", train)])
+        parts = {which: _faces(cfg, which, train) for which in ("celebahq", "ffhq")}
+        return _ruled(ConcatDataset(list(parts.values())), "; ".join(f"{k}: {d.split_rule}" for k, d in parts.items()))
     if name == "paired_folder":
         from vqtransformer.data.paired_folder import PairedFolder  # written with the transformer stage
 
-        return PairedFolder.from_config(cfg, train)
+        return _ruled(PairedFolder.from_config(cfg, train), f"last val_fraction={cfg.get('val_fraction', 0.05)} by file name")
     raise DataError(f"data.name='{name}' is unknown; choose shapes, folder, filelist, cifar10, faceshq, ffhq, celebahq")
 
 
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
-    """(train, validation) datasets for ``cfg.data``."""
-    return build_dataset(cfg.data, True), build_dataset(cfg.data, False)
+    """(train, validation) datasets for ``cfg.data``; logs the split (sizes, per-class counts)."""
+    train, val = build_dataset(cfg.data, True), build_dataset(cfg.data, False)
+    log_split_summary(split_summary(train, val))
+    return train, val
 
 
 def num_classes(dataset: Dataset) -> int:

@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vqtransformer.data.images import DataError, list_images
+from vqtransformer.data.splits import holdout
 from vqtransformer.data.transforms import ImageTransform, to_rgb
 
 MAP_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".npy")
@@ -75,8 +76,8 @@ class PairedFolder(Dataset):
             raise DataError(f"{len(missing)} images in '{image_dir}' have no map of the same name in '{map_dir}' "
                             f"(data.map_dir), e.g. {missing[:3]}")
         pairs = [(p, maps[p.stem]) for p in images]
-        n_val = max(1, int(round(len(pairs) * cfg.get("val_fraction", 0.05))))
-        pairs = pairs[:-n_val] if train else pairs[-n_val:]
+        train_idx, val_idx = holdout([p for p, _ in pairs], image_dir, cfg.get("val_fraction", 0.05), int(cfg.get("seed", 0)))
+        pairs = [pairs[i] for i in (train_idx if train else val_idx)]
         if not pairs:
             raise DataError(f"data.val_fraction={cfg.get('val_fraction')} leaves no training pairs")
         return cls(pairs, cfg.resolution, train, cfg.get("map_type", "segmentation"), int(cfg.get("num_classes", 0)),

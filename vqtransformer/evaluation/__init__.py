@@ -101,11 +101,20 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
     if str(cfg.data.get("target", "image")) != "image":
         raise EvaluationError(f"data.target={cfg.data.target}: the protocol scores image models only")
     # weights first: a missing file stops us before any sampling
-    net = (build_feature_network(str(ev.feature_network), ev.get("feature_weights"), bool(ev.download))
-           if _FEATURE_NEEDS & set(metrics) else None)
-    lpips = build_lpips(str(ev.lpips_net), ev.get("lpips_weights"), bool(ev.download)) if "lpips" in metrics else None
-
     data_cfg = eval_data_config(cfg, ev)
+    net = (build_feature_network(str(ev.feature_network), ev.get("feature_weights"), bool(ev.download), data_cfg)
+           if _FEATURE_NEEDS & set(metrics) else None)
+    lpips, notes = None, []
+    if "lpips" in metrics:
+        try:
+            lpips = build_lpips(str(ev.lpips_net), ev.get("lpips_weights"), bool(ev.download))
+        except EvaluationError as e:
+            if requested:  # asked for by name: no score without it
+                raise
+            metrics = [m for m in metrics if m != "lpips"]  # a stage default: the others are still scored
+            log.warning("LPIPS skipped: %s", e)
+            notes.append(f"lpips skipped (a default metric; its weights are missing: set eval.lpips_weights=PATH): {e}")
+
     split = str(ev.split)
     if split not in ("train", "val"):
         raise EvaluationError(f"eval.split={split}: choose 'train' or 'val'")
@@ -118,7 +127,6 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
     protocol = Protocol(split=split, num_samples=n_samples, num_real=n_real, seed=int(ev.seed),
                         feature_network=net.identity if net else "none", is_splits=int(ev.is_splits),
                         kid_subsets=int(ev.kid_subsets), kid_subset_size=int(ev.kid_subset_size))
-    notes: list[str] = []
     if {"fid", "rfid"} & set(metrics):
         checks = [(n_real, f"real images ({split} split)", "Use a larger split (or eval.num_real=null).")]
         if not recon:
@@ -178,6 +186,10 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
                                                           device)
             values.update(gen)
             notes += gen_notes
+            if hasattr(net, "classify"):  # a dataset judge: which class does each sample show?
+                judged, plot = judge_classes(net, real_feats, fake, n_cls, n_samples, out_dir)
+                values.update(judged)
+                artifacts.append(str(plot))
         if "nll" in metrics:
             val = dataset if split == "val" else build_dataset(data_cfg, False)
             values.update(generative.transformer_nll(stage, _loader(val, ev, data_cfg), device, resolution * resolution))
@@ -187,6 +199,7 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
         notes.append("LPIPS computed with eval.lpips_net=standin (random backbone): plumbing only, not LPIPS")
     return {
         "stage": stage_name,
+        "split": _scored_split(split, dataset),
         "feature_network": net.name if net else None,
         "feature_network_identity": net.identity if net else None,
         "comparable_to_published": net is None or net.name == "inception",
@@ -194,6 +207,44 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
         "metrics": {metric_key(k, net.name if net else "inception"): v for k, v in values.items()},
         "notes": notes, "real_stats": cache_info, "artifacts": artifacts,
     }
+
+
+def _scored_split(split: str, dataset) -> dict:
+    """Which real images were scored: split name, size, rule and per-class counts (as training logs them)."""
+    from vqtransformer.data import split_summary
+
+    summary = split_summary(dataset, dataset)
+    out = {"name": split, "size": len(dataset), "rule": summary.get("data.split.rule", "-")}
+    if "data.split.val_per_class" in summary:
+        out["per_class"] = summary["data.split.val_per_class"]
+    return out
+
+
+def judge_classes(net, real_feats: torch.Tensor, fake_feats: torch.Tensor, num_classes: int | None, n: int,
+                  out_dir: Path) -> tuple[dict[str, float], Path]:
+    """Class-conditional: the fraction of samples the judge puts in the requested class (samples are
+    drawn class-balanced, :func:`generative.class_balanced_labels`). Unconditional: the smallest and
+    largest ratio of a class's sample frequency to its frequency in the real split. Both write the
+    class histogram (samples vs real) as a plot."""
+    pred_fake = net.classify(fake_feats).cpu()
+    pred_real = net.classify(real_feats).cpu()
+    k = int(net.num_logits)
+    p_fake = torch.bincount(pred_fake, minlength=k).double() / len(pred_fake)
+    p_real = torch.bincount(pred_real, minlength=k).double() / len(pred_real)
+    out: dict[str, float] = {}
+    if num_classes:
+        labels = generative.class_balanced_labels(n, num_classes)
+        hit = (pred_fake == labels).double()
+        out["class_accuracy"] = float(hit.mean())
+        for c in range(num_classes):
+            out[f"class_accuracy_{c}"] = float(hit[labels == c].mean())
+    ratio = p_fake / p_real.clamp_min(1e-12)
+    present = p_real > 0
+    out["class_freq_min_ratio"] = float(ratio[present].min())
+    out["class_freq_max_ratio"] = float(ratio[present].max())
+    from vqtransformer.evaluation.judge import plot_class_histogram
+
+    return out, plot_class_histogram(p_real, p_fake, out_dir / "class_histogram.png")
 
 
 def write_summary(summary: dict, out_dir: Path) -> Path:

@@ -174,8 +174,24 @@ class TorchScriptFeatures(FeatureNetwork):
         return out.float(), None
 
 
-def build_feature_network(name: str, weights: str | None = None, download: bool = True) -> FeatureNetwork:
-    """``eval.feature_network``: ``inception`` (default), ``standin``, or a TorchScript file path."""
+def default_feature_network(data_cfg) -> str:
+    """``eval.feature_network=auto``: the ``shapes`` judge on ``data=shapes`` images, else Inception."""
+    shapes = data_cfg is not None and data_cfg.get("name") == "shapes" and data_cfg.get("target", "image") == "image"
+    return "shapes_judge" if shapes else "inception"
+
+
+def build_feature_network(name: str, weights: str | None = None, download: bool = True,
+                          data_cfg=None) -> FeatureNetwork:
+    """``eval.feature_network``: ``auto`` (default: :func:`default_feature_network`), ``inception``,
+    ``shapes_judge`` (:mod:`vqtransformer.evaluation.judge`), ``standin``, or a TorchScript file path."""
+    if name == "auto":
+        name = default_feature_network(data_cfg)
+    if name == "shapes_judge":
+        from vqtransformer.evaluation.judge import load_or_train_judge
+
+        if data_cfg is None:
+            raise EvaluationError("eval.feature_network=shapes_judge needs the run's data config (data=shapes)")
+        return load_or_train_judge(data_cfg)
     if name == "inception":
         path = resolve_weights(INCEPTION_FILE, INCEPTION_URL, INCEPTION_SHA256_PREFIX, weights,
                                "eval.feature_weights", download, "Inception weights")
@@ -185,7 +201,8 @@ def build_feature_network(name: str, weights: str | None = None, download: bool 
     p = Path(name).expanduser()
     if p.is_file():
         return TorchScriptFeatures(p)
-    raise EvaluationError(f"eval.feature_network={name}: choose 'inception', 'standin' or a TorchScript file path")
+    raise EvaluationError(f"eval.feature_network={name}: choose 'auto', 'inception', 'shapes_judge', 'standin' or a "
+                          "TorchScript file path")
 
 
 @torch.no_grad()

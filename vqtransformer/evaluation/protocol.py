@@ -28,7 +28,8 @@ RECONSTRUCTION_METRICS = ("rfid", "lpips", "psnr", "ssim", "ms_ssim", "l1", "cod
 #: metrics of a generator (samples vs the real split); ``nll`` is the transformer's own
 GENERATOR_METRICS = ("fid", "is", "kid", "nll")
 #: metrics whose value depends on the feature network (keys carry its name unless it is ``inception``)
-FEATURE_METRICS = ("rfid", "fid", "is_mean", "is_std", "kid_mean", "kid_std")
+FEATURE_METRICS = ("rfid", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "class_accuracy",
+                   "class_freq_min_ratio", "class_freq_max_ratio")
 
 RECONSTRUCTION_STAGES = ("vqgan",)
 GENERATOR_STAGES = ("transformer", "vqdiffusion", "vitgan")

@@ -38,6 +38,8 @@ class VQModel(nn.Module):
             "attn_resolutions": list(first_stage.attn_resolutions), "dropout": first_stage.get("dropout", 0.0),
             "in_channels": in_channels, "out_ch": out_channels or in_channels,
             "resolution": first_stage.resolution, "z_channels": first_stage.z_channels, "double_z": False,
+            # 1 = taming's 32 groups everywhere (also what checkpoints without the key were trained with)
+            "norm_min_group_channels": int(first_stage.get("norm_min_group_channels", 1) or 1),
         }
         quantizer = {k: codebook[k] for k in ("beta", "ema", "decay", "l2_normalize", "restart_dead", "dead_after",
                                              "usage_window", "init") if k in codebook}

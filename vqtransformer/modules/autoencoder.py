@@ -17,8 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels: int, min_group_channels: int = 1) -> nn.GroupNorm:
+    """taming's GroupNorm with 32 groups, or fewer so that every group has ``min_group_channels`` channels.
+
+    Deviation (opt-in, ``first_stage.norm_min_group_channels``): with 32 groups, a 32-channel layer
+    is an InstanceNorm that normalises every image's per-channel mean and scale (its colours) away
+    at every layer, which slows small models down. At >= 128 channels (all of taming's models) the
+    number of groups stays 32 for any value up to 4, so taming's checkpoints give identical outputs.
+    """
+    return nn.GroupNorm(num_groups=max(1, min(32, channels // max(1, min_group_channels))), num_channels=channels,
+                        eps=1e-6, affine=True)
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
@@ -44,13 +52,13 @@ class Downsample(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0, gmin: int = 1):
         super().__init__()
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, gmin)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, gmin)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         if in_channels != out_channels:
@@ -67,9 +75,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections (taming's q/k/v/proj_out)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, gmin: int = 1):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, gmin)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -99,8 +107,9 @@ def _check_geometry(resolution: int, ch_mult: Sequence[int], attn_resolutions: S
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
                  in_channels: int, resolution: int, z_channels: int, dropout: float = 0.0, double_z: bool = False,
-                 **ignore):
+                 norm_min_group_channels: int = 1, **ignore):
         super().__init__()
+        gmin = norm_min_group_channels
         _check_geometry(resolution, ch_mult, attn_resolutions)
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -112,10 +121,10 @@ class Encoder(nn.Module):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout))
+                block.append(ResnetBlock(block_in, block_out, dropout, gmin))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, gmin))
             down = nn.Module()
             down.block, down.attn = block, attn
             if i_level != self.num_resolutions - 1:
@@ -123,10 +132,10 @@ class Encoder(nn.Module):
                 curr_res //= 2
             self.down.append(down)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, gmin)
+        self.mid.attn_1 = AttnBlock(block_in, gmin)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, gmin)
+        self.norm_out = Normalize(block_in, gmin)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,8 +154,9 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], resolution: int, z_channels: int, dropout: float = 0.0,
-                 **ignore):
+                 norm_min_group_channels: int = 1, **ignore):
         super().__init__()
+        gmin = norm_min_group_channels
         _check_geometry(resolution, ch_mult, attn_resolutions)
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -154,25 +164,25 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, gmin)
+        self.mid.attn_1 = AttnBlock(block_in, gmin)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, gmin)
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout))
+                block.append(ResnetBlock(block_in, block_out, dropout, gmin))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
+                    attn.append(AttnBlock(block_in, gmin))
             up = nn.Module()
             up.block, up.attn = block, attn
             if i_level != 0:
                 up.upsample = Upsample(block_in)
                 curr_res *= 2
             self.up.insert(0, up)  # up[i] is level i, as in taming
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, gmin)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

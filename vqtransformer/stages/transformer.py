@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.config import ConfigError
 from vqtransformer.data.codes import CodeCache, cache_key, fingerprint
+from vqtransformer.grids import image_grid
 from vqtransformer.models.conditioning import ConditionError, Conditioning, build_conditioning, one_hot_map
 from vqtransformer.models.gpt import GPT, for_cpu_inference
 from vqtransformer.sampling.autoregressive import SamplingParams, make_generator, sample
@@ -41,15 +42,6 @@ def lr_schedule(schedule: str, warmup_steps: int, max_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Rows of image batches in [-1, 1] -> one [3, H, W] grid in [0, 1]."""
-    from torchvision.utils import make_grid
-
-    n = min(r.shape[0] for r in rows)
-    x = torch.cat([r[:n].detach().float().cpu() for r in rows]).clamp(-1, 1).add(1).div(2)
-    return make_grid(x, nrow=n, padding=1, pad_value=1.0)
 
 
 class TransformerStage(Stage):
@@ -242,7 +234,13 @@ class TransformerStage(Stage):
         samples = self.sample(n, cond, seed=seed + 1)
         rows = [self.show(b[self.image_key].to(self.device)), self.decode(z), half, samples]
         shown = self.cond.show(b, self.image_size) if self.cond.type != "none" else None
-        return {"samples": image_grid(([shown] if shown is not None else []) + rows)}
+        grids = {"samples": image_grid(([shown] if shown is not None else []) + rows)}
+        if self.cond.type == "class":  # one row per requested class
+            k = int(self.cfg.stage.get("val_samples_per_class", 6))
+            x = self.sample(k * self.num_classes, [c for c in range(self.num_classes) for _ in range(k)],
+                            seed=seed + 2)
+            grids["class_samples"] = image_grid(list(x.split(k)))
+        return grids
 
     # -- sampling ----------------------------------------------------------------
     def _condition(self, n: int, condition: Any, image_size: tuple[int, int]) -> dict:

@@ -4,6 +4,13 @@ Optimizer 0 is the generator (non-saturating loss through DiffAugment and D), op
 discriminator (non-saturating loss on DiffAugment views of reals and detached fakes, + bCR,
 + optional R1). The generator's EMA copy samples and is evaluated.
 
+bCR (Zhao et al., 2020, "Improved Consistency Regularization for GANs") adds
+``lambda_real E||D(T1(x)) - D(T2(x))||^2 + lambda_fake E||D(T1(G(z))) - D(T2(G(z)))||^2`` with
+``T1`` = DiffAugment (``vitgan.augment``, the view of the adversarial loss) and ``T2`` =
+DiffAugment with ``vitgan.bcr.policy`` at full strength, drawn independently and each applied
+once to the *raw* real / detached fake images (not ``T2(T1(x))``). With ``augment.strength=0``
+this is the paper's ``||D(x) - D(T(x))||^2``.
+
 Config: ``stage.*`` (``lr``, ``betas``, ``lr_d``, ``grad_clip``, ``sample_grid``) and the
 ``vitgan`` group (architecture, ``augment``, ``bcr``, ``r1_gamma``, ``ema_decay``,
 ``mapping_lr_mul``, ``equalized_lr``, and the optimiser defaults ``lr``/``betas``).
@@ -20,8 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid
 
+from vqtransformer.grids import square_grid
 from vqtransformer.losses.diffaugment import DiffAugment
 from vqtransformer.losses.vitgan import consistency, d_loss_nonsat, g_loss_nonsat, r1_penalty
 from vqtransformer.models.vitgan import EMA, Discriminator, Generator
@@ -135,11 +142,12 @@ class ViTGANStage(Stage):
         r1_gamma = self.v.r1_gamma
         if r1_gamma > 0:
             real = real.detach().requires_grad_(True)
-        x = self._augment(torch.cat([real, fake.detach()]))
+        raw = torch.cat([real, fake.detach()])
+        x = self._augment(raw)
         lam_r, lam_f = self.v.bcr.real, self.v.bcr.fake
         use_bcr = lam_r > 0 or lam_f > 0
-        if use_bcr:  # D(x) vs D(T(x)) on D's own (augmented) inputs, one forward for both views
-            x = torch.cat([x, DiffAugment(x, self.v.bcr.policy, 1.0)])
+        if use_bcr:  # bCR: D(T1(x)) vs D(T2(x)), two independent views of the raw images, one forward for both
+            x = torch.cat([x, DiffAugment(raw, self.v.bcr.policy, 1.0)])
         logits = self.discriminator(x)
         d_real, d_fake = logits[:B], logits[B:2 * B]
         loss = d_loss_nonsat(d_real, d_fake)
@@ -170,7 +178,7 @@ class ViTGANStage(Stage):
         """An 8x8 grid (``stage.sample_grid``) of EMA samples from fixed noise, in [0, 1]."""
         nrow = self.cfg.stage.get("sample_grid", 8)
         x = self.sample(nrow * nrow, seed=0)
-        return {"samples": make_grid((x + 1) / 2, nrow=nrow).clamp(0, 1)}
+        return {"samples": square_grid(x, nrow)}
 
     @torch.no_grad()
     def sample(self, n: int, condition: Any = None, seed: int | None = None, batch_size: int | None = None,

@@ -7,15 +7,14 @@ the VLB + auxiliary loss; samples are decoded back to images.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import make_grid
 
 from vqtransformer.config import ConfigError
+from vqtransformer.grids import image_grid, square_grid
 from vqtransformer.losses.diffusion import DiffusionLoss
 from vqtransformer.models.vqdiffusion import VQDiffusionTransformer
 from vqtransformer.modules.diffusion import MaskAndReplace
@@ -108,17 +107,21 @@ class VQDiffusionStage(Stage):
     def validation_images(self, batch: dict) -> dict[str, torch.Tensor]:
         st = self.cfg.stage
         n = min(int(st.get("val_samples", 16)), batch[self.image_key].shape[0])
-        y = batch["class_label"][:n] if self.class_conditional else None
         seed = int(OmegaConf.select(self.cfg, "trainer.seed", default=0) or 0)
-        images = self.sample(n, y, steps=st.sample_steps, sampler=st.get("sampler", "standard"), seed=seed)
-        return {"samples": make_grid((images + 1) / 2, nrow=math.ceil(math.sqrt(n)))}
+        kw = {"steps": st.sample_steps, "sampler": st.get("sampler", "standard"), "seed": seed}
+        if self.class_conditional:  # one row per requested class
+            k = max(1, n // 2)
+            y = torch.arange(self.num_classes).repeat_interleave(k)
+            return {"samples": image_grid(list(self.sample(len(y), y, **kw).split(k)))}
+        return {"samples": square_grid(self.sample(n, None, **kw))}
 
     @torch.no_grad()
     def sample(self, n: int, condition: Any = None, steps: int = 25, truncation_rate: float | None = None,
                cfg_scale: float | None = None, sampler: str = "standard", seed: int = 0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, prior_weight: float = 0.0) -> torch.Tensor:
         """n images [n, 3, H, W] in [-1, 1]; ``condition``: class ids (int, list or tensor [n]) or None
-        (the null class for a class-conditional model). Defaults: ``stage.truncation_rate``, ``stage.cfg_scale``."""
+        (the null class for a class-conditional model). Defaults: ``stage.truncation_rate``, ``stage.cfg_scale``.
+        ``prior_weight``: r of Improved VQ-Diffusion's purity prior (``sampler=purity``; 0 = off)."""
         st = self.cfg.stage
         truncation_rate = st.truncation_rate if truncation_rate is None else truncation_rate
         cfg_scale = st.cfg_scale if cfg_scale is None else cfg_scale
@@ -133,7 +136,8 @@ class VQDiffusionStage(Stage):
         was_training = denoiser.training
         denoiser.eval()
         try:
-            idx = sample_tokens(denoiser, self.diffusion, n, y, steps, truncation_rate, cfg_scale, sampler, generator)
+            idx = sample_tokens(denoiser, self.diffusion, n, y, steps, truncation_rate, cfg_scale, sampler, generator,
+                                prior_weight=prior_weight)
         finally:
             denoiser.train(was_training)
         return self.first_stage.decode_indices(idx).clamp(-1, 1)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from vqtransformer.grids import image_grid
 from vqtransformer.losses.gan import D_LOSSES, generator_loss
 from vqtransformer.losses.perceptual import build_lpips
 from vqtransformer.models.conditioning import one_hot_map
@@ -30,19 +31,6 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
-
-
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) / 2).float()
-
-
-def image_grid(rows: list[torch.Tensor], max_cols: int = 8) -> torch.Tensor:
-    """Rows of image batches in [-1, 1] -> one [3, H, W] grid in [0, 1] (row i = batch i)."""
-    from torchvision.utils import make_grid
-
-    n = min(max_cols, min(r.shape[0] for r in rows))
-    stacked = torch.cat([to_unit(r[:n].detach().cpu()) for r in rows])
-    return make_grid(stacked, nrow=n, padding=1, pad_value=1.0)
 
 
 class VQGANStage(Stage):
@@ -109,8 +97,20 @@ class VQGANStage(Stage):
             self.perceptual.to(accelerator.device, memory_format=torch.channels_last if cl else torch.preserve_format)
         clip = self.cfg.trainer.get("grad_clip")
         return [OptimizerSpec("generator", opt_ae, [self.vqgan], grad_clip=clip),
-                OptimizerSpec("discriminator", opt_disc, [self.discriminator], start_step=self.lc.disc_start,
+                OptimizerSpec("discriminator", opt_disc, [self.discriminator], start_step=self.d_start,
                               grad_clip=clip)]
+
+    @property
+    def d_start(self) -> int:
+        """First discriminator step: ``disc_pretrain_steps`` before its gradient reaches the generator."""
+        return max(0, int(self.lc.disc_start) - int(self.lc.get("disc_pretrain_steps", 0) or 0))
+
+    def adversarial_factor(self, step: int) -> float:
+        """disc_factor, ramped linearly from 0 over ``disc_ramp_steps`` steps from ``disc_start`` (0: a step)."""
+        ramp = int(self.lc.get("disc_ramp_steps", 0) or 0)
+        if step < self.lc.disc_start:
+            return 0.0
+        return float(self.lc.disc_factor) * (min(1.0, (step - self.lc.disc_start + 1) / ramp) if ramp > 0 else 1.0)
 
     # -- inputs --------------------------------------------------------------
     def inputs(self, batch: dict) -> torch.Tensor:
@@ -139,8 +139,9 @@ class VQGANStage(Stage):
             loss = nll + self.lc.codebook_weight * qloss
             logs = {"loss/rec": nll.item(), "loss/codebook": qloss.item(), "codebook/perplexity": info["perplexity"].item()}
             if step >= self.lc.disc_start:
-                loss, gan_logs = self.generator_gan_loss(nll, qloss, xrec)
+                loss, gan_logs = self.generator_gan_loss(nll, qloss, xrec, self.adversarial_factor(step))
                 logs.update(gan_logs)
+            if step >= self.d_start:
                 self._recs[id(batch)] = xrec.detach()  # the loop passes the same batch to the D step
             logs["loss/total"] = loss.item()
             usage, dead = self.unwrap(self.vqgan).quantize.usage()
@@ -159,8 +160,9 @@ class VQGANStage(Stage):
         return d_loss, {"loss/disc": d_loss.item(), "disc/logits_real": logits_real.mean().item(),
                         "disc/logits_fake": logits_fake.mean().item()}
 
-    def generator_gan_loss(self, nll: torch.Tensor, qloss: torch.Tensor, xrec: torch.Tensor):
-        """L = nll + lambda * disc_factor * L_GAN + codebook_weight * L_codebook, with the adaptive lambda.
+    def generator_gan_loss(self, nll: torch.Tensor, qloss: torch.Tensor, xrec: torch.Tensor, factor: float | None = None):
+        """L = nll + lambda * factor * L_GAN + codebook_weight * L_codebook, with the adaptive lambda
+        (``factor``: disc_factor, or its ramp, :meth:`adversarial_factor`).
 
         Returned as a surrogate with the same parameter gradients: the gradients of nll and L_GAN
         with respect to the decoder output are computed once; lambda needs their images at the
@@ -177,12 +179,13 @@ class VQGANStage(Stage):
         w_nll = torch.autograd.grad(xrec, last, grad_outputs=grad_nll, retain_graph=True)[0]
         w_gan = torch.autograd.grad(xrec, last, grad_outputs=grad_gan, retain_graph=True)[0]
         d_weight = torch.clamp(w_nll.norm() / (w_gan.norm() + 1e-4), 0.0, 1e4).detach() * self.lc.disc_weight
-        grad_total = (grad_nll + d_weight * self.lc.disc_factor * grad_gan).detach()
+        factor = float(self.lc.disc_factor) if factor is None else factor
+        grad_total = (grad_nll + d_weight * factor * grad_gan).detach()
         surrogate = (xrec * grad_total).sum() + self.lc.codebook_weight * qloss
-        true_loss = nll.detach() + d_weight * self.lc.disc_factor * g_loss.detach() + self.lc.codebook_weight * qloss.detach()
+        true_loss = nll.detach() + d_weight * factor * g_loss.detach() + self.lc.codebook_weight * qloss.detach()
         # value of the true loss, gradients of the surrogate
         loss = surrogate + (true_loss - surrogate.detach())
-        return loss, {"loss/g": g_loss.item(), "loss/d_weight": d_weight.item()}
+        return loss, {"loss/g": g_loss.item(), "loss/d_weight": d_weight.item(), "loss/adv_factor": factor}
 
     def after_step(self, step: int) -> None:
         self._recs.clear()
@@ -219,9 +222,12 @@ class VQGANStage(Stage):
         x, xrec, _, _ = self._reconstruct(batch)
         if self.target == "segmentation":
             x, xrec = self.colorize(x.argmax(1)), self.colorize(xrec.argmax(1))
-        elif x.shape[1] == 1:
-            x, xrec = x.repeat(1, 3, 1, 1), xrec.repeat(1, 3, 1, 1)
-        return {"reconstructions": image_grid([x, xrec])}  # inputs above, reconstructions below
+        labels = batch.get("class_label")
+        if labels is not None and len(labels.unique()) > 1:  # a row per class: input, reconstruction, ...
+            labels = labels.to(x.device)
+            rows = [torch.stack([x[labels == c], xrec[labels == c]], 1).flatten(0, 1) for c in labels.unique()]
+            return {"reconstructions": image_grid(rows)}
+        return {"reconstructions": image_grid([x, xrec], max_cols=8)}  # inputs above, reconstructions below  # inputs above, reconstructions below
 
     def colorize(self, labels: torch.Tensor) -> torch.Tensor:
         return colorize(labels, self.num_seg_classes)

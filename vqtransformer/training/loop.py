@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vqtransformer.config import ConfigError, validate_config
-from vqtransformer.data import build_datasets
+from vqtransformer.data import balanced_indices, build_datasets, split_summary
 from vqtransformer.stages import build_stage
 from vqtransformer.training import checkpoint as ckpt_io
 from vqtransformer.training.distributed import setup_from_slurm
@@ -175,6 +175,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def grid_selection(val_ds) -> dict:
+    """The fixed validation images shown in the grids: 4 per class for up to 10 classes (class by
+    class, so that stages can show a row per class), else 8 evenly spaced ones."""
+    from torch.utils.data import default_collate
+
+    idx = balanced_indices(val_ds, 4, 10)
+    if len(idx) <= 4:  # no labels: one row of 8
+        idx = balanced_indices(val_ds, 8)
+    return default_collate([val_ds[i] for i in idx])
+
+
 def train_step(stage, specs, batches: list[dict], step: int, accelerator, last_ckpt: Path | None = None) -> dict:
     """One optimizer step of every active optimizer, in order, over ``len(batches)`` micro-batches."""
     accum = len(batches)
@@ -207,7 +218,8 @@ def train_step(stage, specs, batches: list[dict], step: int, accelerator, last_c
     return logs
 
 
-def open_tracker(cfg: DictConfig, accelerator, out_dir: Path, resume_run_id: str | None):
+def open_tracker(cfg: DictConfig, accelerator, out_dir: Path, resume_run_id: str | None,
+                 extra_params: dict[str, Any] | None = None):
     from vqtransformer.tracking import NullTracker, Tracker, flatten
 
     if not accelerator.is_main_process or cfg.logger.name == "none":
@@ -227,7 +239,7 @@ def open_tracker(cfg: DictConfig, accelerator, out_dir: Path, resume_run_id: str
         tags["vqt.job_num"] = HydraConfig.get().job.num
     run_id = tracker.start(cfg.logger.get("run_name"), tags, run_id=resume_run_id)
     if run_id and not resume_run_id:
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **(extra_params or {})})
     return tracker
 
 
@@ -273,7 +285,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         loader.restore(state["data"])
         log.info("resumed from %s at step %d", resume_path, start_step)
 
-    tracker = open_tracker(cfg, accelerator, out_dir, state.get("mlflow_run_id") if state else None)
+    tracker = open_tracker(cfg, accelerator, out_dir, state.get("mlflow_run_id") if state else None,
+                           split_summary(train_ds, val_ds) if is_main else None)  # data.split.* params
     # the loop's randomness starts here, independent of what building and tracking drew
     if state is not None and is_main:
         ckpt_io.set_rng_state(state["rng"])
@@ -285,6 +298,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
                             generator=torch.Generator())
     accum = tc.grad_accum
     last_val: dict[str, float] = {}
+    grid_batch = grid_selection(val_ds) if is_main else None
     status = "FAILED"
 
     def save(step: int) -> Path | None:
@@ -315,8 +329,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
                     for k, v in stage.validate(batch).items():
                         sums[k] = sums.get(k, 0.0) + v
                     n += 1
-                    if i == 0:
-                        images = stage.validation_images(batch)
+                images = stage.validation_images(to_device(grid_batch, accelerator.device))
                 metrics = {k: v / max(n, 1) for k, v in sums.items()}
                 metrics.update(stage.validation_end())
             tracker.log_metrics(metrics, step, flush=True)
