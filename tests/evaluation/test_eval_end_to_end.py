@@ -118,6 +118,11 @@ def test_scores_a_run_and_logs_metrics_tags_and_summary(store):
     summary = json.loads((store["root"] / "good" / "eval" / "summary-standin.json").read_text())
     assert summary["metrics"]["psnr"] == pytest.approx(m["eval/psnr"])
     assert summary["protocol"]["num_real"] == 80 and summary["real_stats"]["hit"] is False
+    # which real images were scored: the shapes validation split, 80 items, with its per-class counts
+    split = summary["split"]
+    assert split["name"] == "val" and split["size"] == 80 and split["rule"].startswith("procedural")
+    assert sum(int(kv.split(":")[1]) for kv in split["per_class"].split(",")) == 80
+    assert run.data.tags["eval.split.size"] == "80" and run.data.tags["eval.split.per_class"] == split["per_class"]
     # a second evaluation reads the cached real statistics and gives the same numbers
     ev_script.run(eval_cfg(f"run_id={rid}", f"tracking_uri={store['uri']}", "eval.metrics=[rfid]"))
     again = json.loads((store["root"] / "good" / "eval" / "summary-standin.json").read_text())

@@ -115,14 +115,25 @@ def split_summary(train_ds: Dataset, val_ds: Dataset) -> dict[str, int | str]:
     labelled data, ``val_per_class`` / ``train_per_class`` as compact ``"class:n,..."`` strings
     (a split whose labels would have to be rendered in bulk, shapes' training set, has no count).
     """
-    out: dict[str, int | str] = {"data.split.train_size": len(train_ds), "data.split.val_size": len(val_ds)}
-    rule = getattr(val_ds, "split_rule", None)
+    val, train = dataset_summary(val_ds), dataset_summary(train_ds)
+    out: dict[str, int | str] = {"data.split.train_size": train["size"], "data.split.val_size": val["size"]}
+    if "rule" in val:
+        out["data.split.rule"] = val["rule"]
+    for name, summary in (("val", val), ("train", train)):
+        if "per_class" in summary:
+            out[f"data.split.{name}_per_class"] = summary["per_class"]
+    return out
+
+
+def dataset_summary(ds: Dataset) -> dict[str, int | str]:
+    """One side of a split: ``size``, ``rule`` (where the dataset says) and ``per_class`` (``"class:n,..."``)."""
+    out: dict[str, int | str] = {"size": len(ds)}
+    rule = getattr(ds, "split_rule", None)
     if rule:
-        out["data.split.rule"] = rule
-    for name, ds in (("val", val_ds), ("train", train_ds)):
-        counts = per_class_counts(ds)
-        if counts is not None:
-            out[f"data.split.{name}_per_class"] = _compact(counts)
+        out["rule"] = rule
+    counts = per_class_counts(ds)
+    if counts is not None:
+        out["per_class"] = _compact(counts)
     return out
 
 

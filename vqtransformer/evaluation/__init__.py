@@ -88,6 +88,7 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
     the long passes. Artifacts (the code histogram) go to ``out_dir``; :func:`write_summary` writes the JSON.
     """
     from vqtransformer.data import build_dataset
+    from vqtransformer.data.splits import dataset_summary
 
     stage_name = str(OmegaConf.select(cfg, "stage.name") or stage.name)
     requested = ev.get("metrics")
@@ -199,7 +200,7 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
         notes.append("LPIPS computed with eval.lpips_net=standin (random backbone): plumbing only, not LPIPS")
     return {
         "stage": stage_name,
-        "split": _scored_split(split, dataset),
+        "split": {"name": split, **dataset_summary(dataset)},  # which real images were scored
         "feature_network": net.name if net else None,
         "feature_network_identity": net.identity if net else None,
         "comparable_to_published": net is None or net.name == "inception",
@@ -207,17 +208,6 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
         "metrics": {metric_key(k, net.name if net else "inception"): v for k, v in values.items()},
         "notes": notes, "real_stats": cache_info, "artifacts": artifacts,
     }
-
-
-def _scored_split(split: str, dataset) -> dict:
-    """Which real images were scored: split name, size, rule and per-class counts (as training logs them)."""
-    from vqtransformer.data import split_summary
-
-    summary = split_summary(dataset, dataset)
-    out = {"name": split, "size": len(dataset), "rule": summary.get("data.split.rule", "-")}
-    if "data.split.val_per_class" in summary:
-        out["per_class"] = summary["data.split.val_per_class"]
-    return out
 
 
 def judge_classes(net, real_feats: torch.Tensor, fake_feats: torch.Tensor, num_classes: int | None, n: int,

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from vqtransformer.data.shapes import BACKGROUNDS, OBJECT_SCALE, SHAPE_CLASSES, ShapesDataset
 from vqtransformer.evaluation.features import FeatureNetwork
 from vqtransformer.evaluation.protocol import EvaluationError
+from vqtransformer.training.checkpoint import atomic_save, load
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +163,13 @@ def load_or_train_judge(data_cfg, retrain: bool = False) -> ShapesJudge:
     key = judge_key(data_cfg)
     path = judge_path(key)
     if path.is_file() and not retrain:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load(path)
         log.info("shapes judge loaded from %s", path)
     else:
         log.info("training the shapes judge for %s (cached at %s)", key, path)
         judge, scores = train_judge(key)
         state = {"key": key, **scores, "model": judge.state_dict()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_save(state, path)
     acc = float(state["accuracy"])
     log.info("shapes judge: held-out accuracy %.4f on clear scenes (%.0f%% of %d test-split images), %.4f on all",
              acc, 100 * float(state["clear_fraction"]), TEST_SIZE, float(state["accuracy_all"]))
