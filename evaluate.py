@@ -42,19 +42,6 @@ def _eval_cfg(cfg: DictConfig) -> DictConfig:
     return ev
 
 
-def _load_checkpoint(path: Path):
-    """(stage, run config, checkpoint step, the MLflow run id stored in the checkpoint); one read of the file."""
-    from vqtransformer.stages import build_stage
-    from vqtransformer.training import checkpoint as ckpt_io
-
-    ckpt = ckpt_io.load(path)
-    cfg = ckpt_io.config_of(ckpt)
-    stage = build_stage(cfg, for_inference=True)
-    stage.load_state_dict(ckpt["model"])
-    stage.train(False)
-    return stage, cfg, int(ckpt.get("step", 0) or 0), ckpt.get("mlflow_run_id")
-
-
 def _run_dir(ckpt: Path, run=None) -> Path:
     """Where the run's outputs live: tag vqt.output_dir if it is here, else the checkpoint's run directory."""
     tagged = run.data.tags.get("vqt.output_dir") if run is not None else None
@@ -83,14 +70,16 @@ def _request_id(ev: DictConfig, ckpt: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def score_checkpoint(ckpt: Path, ev: DictConfig, device, run=None) -> dict:
-    """Evaluate one checkpoint; returns a pending result (summary + files), nothing logged yet."""
+def score_checkpoint(ckpt: Path, ev: DictConfig, device, run=None, taming_yaml: str | None = None) -> dict:
+    """Evaluate one checkpoint (``taming_yaml``: the project YAML of a taming-transformers file); returns a
+    pending result (summary + files), nothing logged yet."""
     from vqtransformer.evaluation import evaluate_stage, format_table, write_summary
+    from vqtransformer.loading import load_stage
 
-    stage, run_cfg, step, ckpt_run_id = _load_checkpoint(ckpt)
+    loaded = load_stage(ckpt, taming_yaml=taming_yaml)
     out_dir = _run_dir(ckpt, run) / "eval"
-    summary = evaluate_stage(stage, run_cfg, ev, device, out_dir)
-    summary.update(checkpoint=str(ckpt), step=step, run_id=run.info.run_id if run else ckpt_run_id,
+    summary = evaluate_stage(loaded.stage, loaded.config, ev, device, out_dir)
+    summary.update(checkpoint=str(ckpt), step=loaded.step, run_id=run.info.run_id if run else loaded.mlflow_run_id,
                    request_id=_request_id(ev, ckpt))
     path = write_summary(summary, out_dir)
     print(format_table(summary, title=f"{ckpt}"), flush=True)
@@ -132,12 +121,12 @@ def _reused(run, ev: DictConfig) -> dict | None:
 
 
 def evaluate_one(cfg: DictConfig, ev: DictConfig, device) -> int:
+    from vqtransformer.loading import checkpoint_path
     from vqtransformer.tracking import get_client, resolve_tracking_uri
-    from vqtransformer.training.checkpoint import resolve_run_checkpoint
 
     run = _get_run(get_client(cfg.tracking_uri), cfg.run_id) if cfg.run_id else None
-    ckpt = Path(cfg.ckpt).expanduser() if cfg.ckpt else resolve_run_checkpoint(cfg.run_id, cfg.tracking_uri)
-    result = score_checkpoint(ckpt, ev, device, run)
+    ckpt = checkpoint_path(cfg.ckpt, cfg.run_id, cfg.tracking_uri)
+    result = score_checkpoint(ckpt, ev, device, run, cfg.get("taming_config"))
     if not cfg.log_to_mlflow:
         return 0
     if not result["run_id"]:
@@ -201,8 +190,8 @@ def _output_dir() -> Path:
 
 def evaluate_sweep(cfg: DictConfig, ev: DictConfig, device) -> int:
     from vqtransformer.evaluation import EvaluationError, compare
+    from vqtransformer.loading import resolve_run_checkpoint
     from vqtransformer.tracking import get_client
-    from vqtransformer.training.checkpoint import resolve_run_checkpoint
 
     client = get_client(cfg.tracking_uri)
     parent, runs, skipped = _sweep_runs(client, cfg)
@@ -222,8 +211,10 @@ def evaluate_sweep(cfg: DictConfig, ev: DictConfig, device) -> int:
                 log.info("run %s: eval metrics for this checkpoint and protocol exist; reused", rid)
         except Exception as e:
             if not cfg.sweep.skip_failed or not is_user_error(e):
-                raise EvaluationError(f"run {name} ({rid}): {e}\n(nothing was logged; sweep.skip_failed=true "
-                                      "skips runs that cannot be evaluated)") from e
+                hint = ("every run needs these weights: put them in place as the message says, or score offline "
+                        "with eval.standin=true (labelled stand-in networks)" if _missing_weights(e) else
+                        "sweep.skip_failed=true skips runs that cannot be evaluated")
+                raise EvaluationError(f"run {name} ({rid}): {e}\n(nothing was logged; {hint})") from e
             log.error("run %s (%s) skipped: %s", name, rid, e)
             failed.append(f"{name} ({rid}): {e}")
             continue
@@ -233,6 +224,12 @@ def evaluate_sweep(cfg: DictConfig, ev: DictConfig, device) -> int:
     out_dir = _output_dir() / f"sweep-{label}"
     plots = OmegaConf.to_container(cfg.sweep.plots, resolve=True)
     files = compare.write_report(records, out_dir, title=f"evaluation of {label}", plots=plots)
+    swept, axes = _swept_keys(parent)
+    confounded = compare.confounds(records, swept, axes)
+    if confounded:
+        log.warning("the runs of %s differ in more than the swept keys: %s also differ (swept: %s). Their "
+                    "comparison mixes these effects.", label, ", ".join(confounded),
+                    ", ".join(sorted(swept)) if swept is not None else ", ".join(axes) or "nothing recorded")
     if failed or skipped:
         (out_dir / "skipped.txt").write_text("\n".join(
             [f"not finished: {r.info.run_name} ({r.info.run_id}, {r.info.status})" for r in skipped] +
@@ -246,10 +243,128 @@ def evaluate_sweep(cfg: DictConfig, ev: DictConfig, device) -> int:
         if parent is not None:
             for f in files:
                 client.log_artifact(parent.info.run_id, str(f), "eval")
+                client.log_artifact(parent.info.run_id, str(f))  # and at the artifact root: the run page shows them
+            log_answer(client, parent, records, label, swept, axes, confounded, cfg.tracking_uri)
             log.info("comparison logged to the sweep's parent run %s", parent.info.run_id)
         else:
             log.warning("no single sweep parent run (tag vqt.role=parent): the comparison stays in %s", out_dir)
     return 0
+
+
+def _missing_weights(e: BaseException) -> bool:
+    from vqtransformer.weights import WeightsUnavailableError
+
+    return isinstance(e, WeightsUnavailableError)
+
+
+def _swept_keys(parent) -> tuple[set[str] | None, list[str]]:
+    """(config keys the sweep varies, from the parent's ``vqt.sweep_varying`` record, or None without one;
+    the swept axes: that record's keys, else the parent's ``sweep.<axis>`` params)."""
+    if parent is None:
+        return None, []
+    record = parent.data.tags.get("vqt.sweep_varying")
+    if record:
+        try:
+            varying = json.loads(record)
+        except ValueError:
+            varying = None
+        if isinstance(varying, dict) and varying:
+            return {k for keys in varying.values() for k in keys}, list(varying)
+    return None, [k[len("sweep."):] for k in parent.data.params if k.startswith("sweep.")]
+
+
+def ui_url(tracking_uri: str | None) -> str:
+    """The MLflow UI's address: ``$VQT_UI_URL``, a server tracking URI itself, else ``make ui``'s."""
+    from vqtransformer.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return os.environ.get("VQT_UI_URL") or (uri.rstrip("/") if uri.startswith(("http://", "https://"))
+                                            else "http://127.0.0.1:5000")
+
+
+def runs_view_link(base: str, experiment_id: str, parent_id: str, sort_key: str | None, ascending: bool = True) -> str:
+    """A deep link to the experiment's runs table filtered to the sweep's children and sorted by ``sort_key``
+    (MLflow's runs-view URL parameters ``searchFilter``, ``orderByKey``, ``orderByAsc``)."""
+    from urllib.parse import quote, urlencode
+
+    q = {"searchFilter": f"tags.`vqt.parent_run_id` = '{parent_id}'", "compareRunsMode": "TABLE"}
+    if sort_key:
+        q.update(orderByKey=sort_key, orderByAsc=str(ascending).lower())
+    return f"{base}/#/experiments/{experiment_id}/runs?{urlencode(q, quote_via=quote)}"
+
+
+#: swept keys with a metric of the same value, which the runs view sorts numerically (it sorts params as strings)
+NUMERIC_SORT = {"codebook.n_embed": "codebook_size"}
+
+
+def _sort_key(swept: set[str] | None, axes: list[str], parent, primary: str | None,
+              records: list[dict] = ()) -> tuple[str | None, bool]:
+    """The runs view's sort: the swept key (a group axis: the one key it changes), else (an axis that changes
+    several keys together, e.g. quantizer kind and size) the primary metric, best first."""
+    from vqtransformer.evaluation import compare
+
+    record = {}
+    try:
+        record = json.loads(parent.data.tags.get("vqt.sweep_varying") or "{}")
+    except ValueError:
+        pass
+    for axis in axes:
+        keys = record.get(axis) or ([] if "." not in axis and swept is None else [axis.lstrip("+~")])
+        if len(keys) == 1:  # an axis that changes one key (codebook=k256,k1024 -> codebook.n_embed)
+            if keys[0] in NUMERIC_SORT and any(NUMERIC_SORT[keys[0]] in r.get("metrics", {}) for r in records):
+                return f"metrics.`eval/{NUMERIC_SORT[keys[0]]}`", True  # params sort as strings: 1024 < 256
+            return f"params.`{keys[0]}`", True
+    if primary:
+        return f"metrics.`eval/{primary}`", compare.direction(primary) == "lower"
+    return None, True
+
+
+def log_answer(client, parent, records: list[dict], label: str, swept, axes: list[str], confounded: list[str],
+               tracking_uri: str | None) -> None:
+    """The sweep's answer on its parent run: ``best/<metric>`` metrics, tags ``best_run`` / ``best_run_id`` /
+    ``best_metric``, a description with the sorted table, the best run per metric, confounds and a deep link."""
+    from mlflow.entities import Metric, RunTag
+
+    from vqtransformer.evaluation import compare
+
+    best = compare.best_runs(records)
+    primary = next(iter(best), None)
+    ts = int(time.time() * 1000)
+    metrics = [Metric(f"best/{k}", float(b["value"]), ts, 0) for k, b in best.items()]
+    sort_key, ascending = _sort_key(swept, axes, parent, primary, records)
+    link = runs_view_link(ui_url(tracking_uri), parent.info.experiment_id, parent.info.run_id, sort_key, ascending)
+    header, rows = compare.comparison_table(compare.sort_records(records, primary))
+    keep = [i for i, h in enumerate(header) if h != "run_id"]
+    table = compare.markdown_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows])
+    network_note = compare.network_note([m for r in records for m in r["metrics"]])
+    lines = []
+    if primary:  # the answer first: the UI shows the description's first lines without "Show more"
+        b = best[primary]
+        lines += [f"**Which is best? `{b['run_name']}`** by `{primary}` ({b['direction']} is better: "
+                  f"{compare._fmt(b['value'])}; run `{b['run_id']}`). " + "; ".join(
+                      f"`{k}` {'↓' if v['direction'] == 'lower' else '↑'} `{v['run_name']}`"
+                      for k, v in list(best.items())[1:4]) + ".", ""]
+    lines += [f"Sweep `{label}`: {len(records)} runs scored by `python evaluate.py sweep_id={label}`.", ""]
+    if network_note:
+        lines += [f"> {network_note}.", ""]
+    if confounded:
+        lines += [f"> **Warning: the runs differ in more than the swept keys.** Also different: "
+                  f"{', '.join(f'`{k}`' for k in confounded)} (swept: "
+                  f"{', '.join(f'`{k}`' for k in sorted(swept)) if swept is not None else ', '.join(axes) or '-'}). "
+                  "The comparison mixes their effects.", ""]
+    lines += [f"Sorted by `{primary}`, best first:" if primary else "Runs:", "", table, "",
+              "Best run per metric: " + "; ".join(f"`{k}` {'↓' if b['direction'] == 'lower' else '↑'} "
+                                                  f"`{b['run_name']}` ({compare._fmt(b['value'])})" for k, b in best.items()),
+              "", f"[Open the sweep's runs in the runs view, sorted by {sort_key or 'start time'}]({link})", "",
+              "Files (artifact root and `eval/`): `comparison.md`, `comparison.csv` and the plots."]
+    note = "\n".join(lines)
+    if len(note) > 7900:  # MLflow's tag value limit
+        note = note[:7800] + "\n\n(truncated: see comparison.md)"
+    tags = {"mlflow.note.content": note, "best_metric": primary or "-",
+            "best_run": best[primary]["run_name"] if primary else "-",
+            "best_run_id": best[primary]["run_id"] if primary else "-",
+            "vqt.sweep_confounds": ",".join(confounded) or "none", "vqt.runs_view_url": link}
+    client.log_batch(parent.info.run_id, metrics=metrics, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def run(cfg: DictConfig) -> int:

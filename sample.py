@@ -1,11 +1,14 @@
-"""Sample from a trained generator (stage=transformer, vqdiffusion or vitgan):
+"""Sample from a trained generator (stage=transformer, vqdiffusion or vitgan), or a taming-transformers
+Net2NetTransformer with its project YAML:
 
     python sample.py run_id=ID n=64 [top_k=100 top_p=0.9 temperature=1.0 cfg_scale=3 class_label=2]
+    python sample.py ckpt=taming/last.ckpt taming_config=taming/configs/..-project.yaml n=16 [data=... for maps]
     python sample.py run_id=ID steps=25 truncation_rate=0.86 cfg_scale=3 sampler=purity   # vqdiffusion
     python sample.py ckpt=outputs/.../checkpoints/last.ckpt grid=[16,32]    # larger: sliding window
     python sample.py run_id=ID half=true                                     # complete validation images
 
-Writes ``grid.png`` and one PNG per sample to ``<run dir>/samples/<time>/`` (or ``out_dir``) and logs
+The stage comes from :func:`vqtransformer.loading.load_stage`; its sampling options, conditions and
+capabilities from the Stage interface. Writes ``grid.png`` and one PNG per sample to ``<run dir>/samples/<time>/`` (or ``out_dir``) and logs
 them to the run in MLflow (artifact path ``samples/<time>``).
 """
 
@@ -23,14 +26,6 @@ import vqtransformer.config  # noqa: F401  (registers the config resolvers)
 from vqtransformer.cli import run_or_exit
 
 log = logging.getLogger("sample")
-
-
-#: the sampling options each generator stage takes (null values keep the run's own defaults)
-SAMPLE_KEYS = {
-    "transformer": ("temperature", "top_k", "top_p", "cfg_scale"),
-    "vqdiffusion": ("steps", "truncation_rate", "cfg_scale", "sampler", "prior_weight"),
-    "vitgan": (),
-}
 
 
 def log_samples_to_mlflow(run_id: str, directory: Path, artifact_path: str, tracking_uri: str | None) -> None:
@@ -62,46 +57,43 @@ def run(cfg: DictConfig) -> Path:
 
     from vqtransformer.config import ConfigError
     from vqtransformer.grids import image_grid, square_grid
-    from vqtransformer.stages import build_stage
-    from vqtransformer.training import checkpoint as ckpt_io
+    from vqtransformer.loading import load_stage
 
     if not cfg.run_id and not cfg.ckpt:
-        raise ConfigError("give run_id=ID (an MLflow run of stage=transformer) or ckpt=PATH")
+        raise ConfigError("give run_id=ID (an MLflow run of a generator) or ckpt=PATH")
     if cfg.n < 1 or cfg.batch_size < 1:
         raise ConfigError(f"n={cfg.n} and batch_size={cfg.batch_size} must be >= 1")
     if cfg.grid is not None and len(cfg.grid) != 2:
         raise ConfigError(f"grid={list(cfg.grid)} must be [h, w] in codes")
     if cfg.tracking_uri:  # the first stage may be a run id too
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
-    path = Path(cfg.ckpt).expanduser() if cfg.ckpt else ckpt_io.resolve_run_checkpoint(cfg.run_id, cfg.tracking_uri)
-    ckpt = ckpt_io.load(path)
-    run_cfg = ckpt_io.config_of(ckpt)
-    name = run_cfg.stage.name
-    if name not in SAMPLE_KEYS:
-        raise ConfigError(f"{path} is a stage={name} checkpoint, which is not a generator; sample.py samples "
-                          f"{', '.join(SAMPLE_KEYS)} (score a vqgan with evaluate.py)")
-    if name != "transformer" and (cfg.grid is not None or cfg.half):
-        raise ConfigError(f"grid= and half= are for stage=transformer (sliding window / completion), not {name}")
+    data = cfg.get("data")
+    loaded = load_stage(cfg.ckpt or None, cfg.run_id, cfg.get("taming_config"),
+                        {"data": data} if data is not None else None, cfg.tracking_uri)
+    stage, path = loaded.stage, loaded.path
+    caps = stage.capabilities
+    if "sample" not in caps:
+        raise ConfigError(f"{path} is a stage={stage.name} checkpoint, which is not a generator; sample.py samples "
+                          "generators (score a first stage with evaluate.py)")
+    if (cfg.grid is not None and "larger_grid" not in caps) or (cfg.half and "complete" not in caps):
+        raise ConfigError(f"grid= and half= are for models with sliding-window sampling and half-image completion; "
+                          f"this stage={stage.name} model has neither")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    stage = build_stage(run_cfg, for_inference=True)
-    stage.load_state_dict(ckpt["model"])
-    stage.train(False)
     stage.to(device)
     cond_type = stage.condition_type
     if cfg.class_label is not None and cond_type != "class":
         raise ConfigError(f"class_label={cfg.class_label}, but this model was trained with conditioning.type={cond_type}")
-    run_id = cfg.run_id or ckpt.get("mlflow_run_id")
+    run_id = cfg.run_id or loaded.mlflow_run_id
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else _run_dir(path, run_id, cfg.tracking_uri) / "samples" / stamp
-    params = {k: cfg[k] for k in SAMPLE_KEYS[name] if cfg.get(k) is not None or name == "transformer"}
-    if name == "transformer":
-        params["grid"] = tuple(cfg.grid) if cfg.grid is not None else None
-    needs_data = cfg.half or cond_type in ("segmentation", "depth", "lowres")
+    params = {k: cfg[k] for k in stage.sampling_options if cfg.get(k) is not None}  # null: the run's defaults
+    if params.get("grid") is not None:
+        params["grid"] = tuple(params["grid"])
     val = None
-    if needs_data:
+    if cfg.half or stage.condition_needs_data:
         from vqtransformer.data import build_dataset
 
-        val = build_dataset(run_cfg.data, False)
+        val = build_dataset(loaded.config.data, False)
 
     images, inputs = [], []
     for k, start in enumerate(range(0, cfg.n, cfg.batch_size)):
@@ -114,11 +106,10 @@ def run(cfg: DictConfig) -> Path:
         if val is not None:
             batch = default_collate([val[i % len(val)] for i in range(start, start + b)])
             batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
-            if cond_type not in ("none", "class"):
-                condition = stage.cond.from_batch(batch)
+            if stage.condition_needs_data:
+                condition = stage.condition_from_batch(batch)
             if cfg.half:
-                z, _ = stage.tokens(batch, "validation")
-                kw = {"z": z, "start": z.shape[1] // 2}
+                kw = {"complete": batch}
                 inputs.append(batch["image"].cpu())
         x = stage.sample(b, condition, seed=int(cfg.seed) + k, **kw, **params)
         images.append(x.cpu())

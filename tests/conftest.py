@@ -22,6 +22,19 @@ TINY = ["data.resolution=16", "data.batch_size=4", "data.val_size=8", "data.num_
         "trainer.val_batches=1", "trainer.log_every=1"]
 
 
+def optimizer_steps(stage, spec, batch: dict, n: int) -> list[tuple[torch.Tensor, dict]]:
+    """``n`` plain steps of one optimizer spec (``stage.training_step`` -> backward -> step) on one batch,
+    the training loop without Accelerate; returns each step's (loss, logs)."""
+    out = []
+    for step in range(n):
+        loss, logs = stage.training_step(batch, step, 0)
+        spec.optimizer.zero_grad()
+        loss.backward()
+        spec.optimizer.step()
+        out.append((loss.detach(), logs))
+    return out
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -46,4 +46,4 @@ def test_vitgan_samples_and_vqgan_is_refused(tmp_path, vqgan_ckpt):
     r = sample([f"ckpt={vqgan_ckpt}", "n=2"], tmp_path)
     assert r.returncode == 2 and "not a generator" in r.stderr
     r = sample([f"ckpt={out / 'checkpoints/last.ckpt'}", "n=2", "grid=[8,8]"], tmp_path)
-    assert r.returncode == 2 and "grid= and half= are for stage=transformer" in r.stderr
+    assert r.returncode == 2 and "grid= and half= are for models with sliding-window sampling" in r.stderr

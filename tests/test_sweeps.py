@@ -114,7 +114,8 @@ def test_launcher_configs_and_the_ablation_preset_compose():
     gpu = compose(["hydra/launcher=slurm_gpu", "hydra.launcher.gpus_per_node=4"]).hydra.launcher
     assert gpu.tasks_per_node == 4 and gpu.gpus_per_node == 4  # one process per GPU
     cfg = compose(["experiment=codebook_ablation"])
-    assert cfg.hydra.sweeper.params.codebook == "k256,k1024,k4096" and cfg.stage.name == "vqgan"
+    assert cfg.hydra.sweeper.params.codebook == "k1024,k16384,fsq_1k,fsq_16k,lfq_1k,lfq_16k"  # kind x size
+    assert cfg.stage.name == "vqgan"
     assert cfg.hydra.callbacks.mlflow_sweep._target_ == "vqtransformer.tracking.sweep.MLflowSweepCallback"
     cfg = compose(["experiment=transformer_depth_ablation"])
     assert cfg.hydra.sweeper.params["transformer.n_layer"] == "2,4,8" and cfg.stage.name == "transformer"
@@ -184,7 +185,8 @@ def test_callback_parent_run_lifecycle(tmp_path, mlflow_uri, monkeypatch):
     tags = parent.data.tags
     assert parent.info.status == "RUNNING" and tags["vqt.role"] == "parent" and tags["vqt.sweep_id"] == cb.sweep_id
     assert tags["vqt.sweep_dir"] == str(tmp_path / "sweep") and "trainer.max_steps=7" in tags["vqt.overrides"]
-    assert parent.data.params == {"sweep.codebook": "k256,k1024,k4096", "sweep.first_stage.ch": "32,64"}
+    assert parent.data.params == {"sweep.codebook": "k1024,k16384,fsq_1k,fsq_16k,lfq_1k,lfq_16k",
+                                  "sweep.first_stage.ch": "32,64"}
     assert client(mlflow_uri).get_experiment(parent.info.experiment_id).name == "vqgan"  # the children's
     # in a job (another process, no inherited environment): the unpickled callback exports the ids
     job_cb = pickle.loads(pickle.dumps(cb))
@@ -245,7 +247,7 @@ def test_slurm_codebook_sweep_parent_children_and_comparison(tmp_path, mlflow_ur
     """`train.py -m experiment=codebook_ablation hydra/launcher=slurm_cpu`: a job array of 3, one sweep dir
     (resolved once on the submitter), 3 finished children of one parent, then `evaluate.py sweep_id=`."""
     steps = 20
-    p = check(run_train(["-m", "experiment=codebook_ablation", *slurm_launcher(), *SWEEP_TINY,
+    p = check(run_train(["-m", "experiment=codebook_ablation", "codebook=k256,k1024,k4096", *slurm_launcher(), *SWEEP_TINY,
                          f"trainer.max_steps={steps}", f"trainer.val_every={steps}", f"trainer.ckpt_every={steps}",
                          "trainer.log_every=5", "logger.log_checkpoint=false"], cwd=tmp_path, timeout=900))
     # the default sweep dir multirun/DATE/TIME-<unique>: every job wrote into the one the submitter printed
@@ -378,9 +380,11 @@ def test_slurm_preempted_job_resumes_at_the_same_step_in_the_same_run(tmp_path, 
 
 @slurm
 def test_slurm_killed_job_restarts_from_its_last_checkpoint(tmp_path, mlflow_uri):
-    """A job killed without warning (here: `scontrol requeue`, as after a node failure) starts again
-    (SLURM_RESTART_COUNT > 0) from its last periodic checkpoint, in the same MLflow run."""
-    steps, every = 200, 10  # enough steps left for Slurm's 5 s between SIGTERM (ignored) and SIGKILL
+    """A job requeued from outside (`scontrol requeue`, as after a node failure) starts again
+    (SLURM_RESTART_COUNT > 0) from its last checkpoint, in the same MLflow run. Slurm sends SIGTERM
+    5 s before SIGKILL: the loop checkpoints at the end of that step, so the job resumes there; had
+    SIGKILL come first, it resumes from the last periodic checkpoint."""
+    steps, every = 200, 10  # enough steps left for Slurm's 5 s between SIGTERM and SIGKILL
     proc, sweep_dir = _start_sweep(tmp_path, steps, ckpt_every=every)
     try:
         wait_for(lambda: _progress(sweep_dir) >= every + 2, 300, "the first checkpoint")
@@ -392,7 +396,13 @@ def test_slurm_killed_job_restarts_from_its_last_checkpoint(tmp_path, mlflow_uri
     log = job_log(sweep_dir, "*_0_log.*")
     resumed = re.findall(r"resumed from \S+ at step (\d+)", log)
     assert "SLURM_RESTART_COUNT=1" in log and len(resumed) == 1, log[-4000:]
-    assert every <= int(resumed[0]) < steps and int(resumed[0]) % every == 0  # killed mid-run, periodic ckpt
+    at = int(resumed[0])
+    stopped = re.findall(r"stopped by SIGTERM at step (\d+) \(checkpoint: \S+, step (\d+)\)", log)
+    if stopped:  # the SIGTERM checkpoint, written at the end of the step the signal arrived in
+        assert len(stopped) == 1 and int(stopped[0][0]) == int(stopped[0][1]) == at, (stopped, at)
+    else:  # killed before the end of that step: the last periodic checkpoint
+        assert at % every == 0, log[-4000:]
+    assert every <= at < steps, log[-4000:]
     parent, (child,) = sweep_runs(mlflow_uri, sweep_info(sweep_dir)["sweep_id"])
     assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
     key = next(k for k in child.data.metrics if k.startswith("loss/"))

@@ -47,7 +47,11 @@ def test_train_writes_a_complete_mlflow_run(tmp_path, mlflow_uri):
                 "val/codebook_usage", "val/perplexity", "speed/images_per_s"):
         assert key in run.data.metrics, key
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert images == ["images/reconstructions_step0000003.png", "images/reconstructions_step0000006.png"]
+    assert [p for p in images if "+step+" not in p] == ["images/reconstructions_step0000003.png",
+                                                        "images/reconstructions_step0000006.png"]
+    # and as MLflow's time-stepped images (mlflow.log_image(key=, step=)): the UI's image grid compares them
+    keyed = sorted(p for p in images if p.startswith("images/reconstructions+step+") and p.endswith(".png"))
+    assert [int(p.split("+step+")[1].split("+")[0]) for p in keyed] == [3, 6]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.ckpt"]
     ckpt = Path(run.data.tags["vqt.checkpoint"])
     assert ckpt == run_dir / "checkpoints" / "last.ckpt" and ckpt.is_file()

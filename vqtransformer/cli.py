@@ -7,13 +7,12 @@ import logging
 import sys
 from collections.abc import Callable
 
-#: exceptions raised for bad input or configuration; their message says which key or file to fix
-USER_ERRORS = frozenset({"ConfigError", "DataError", "WeightsUnavailableError", "CheckpointError", "TrainingDiverged",
-                         "ConditionError", "EvaluationError"})
+from vqtransformer.errors import UserError
 
 
 def is_user_error(e: BaseException) -> bool:
-    return type(e).__name__ in USER_ERRORS
+    """Bad input or configuration (a :class:`~vqtransformer.errors.UserError`): its message says what to fix."""
+    return isinstance(e, UserError)
 
 
 def run_or_exit(fn: Callable, *args, name: str = "vqtransformer", reraise: bool = False):

@@ -46,7 +46,7 @@ def eval_cfg(*overrides: str):
 
 
 def save_checkpoint(cfg, path: Path, step: int = 7, run_id: str | None = None) -> Path:
-    from vqtransformer.stages import build_stage
+    from vqtransformer.loading import build_stage
     from vqtransformer.training.checkpoint import FORMAT, atomic_save
 
     torch.manual_seed(0)
@@ -199,6 +199,45 @@ def test_sweep_scores_finished_children_and_reports_to_the_parent(store, monkeyp
     assert {r["codebook.n_embed"] for r in rows.values()} == {"32", "128"}
 
 
+def test_sweep_answer_on_the_parent_run(store):
+    """After `evaluate.py sweep_id=`: best/... metrics, a best_run tag, a description with the sorted table and a
+    deep link to the runs view, the comparison files at the artifact root; a confound is warned about there."""
+    from urllib.parse import parse_qs, urlsplit
+
+    ids, client = store["ids"], store["client"]
+    client.set_tag(ids["parent"], "vqt.sweep_varying", json.dumps({"first_stage.ch": ["first_stage.ch"]}))
+    ev_script.run(eval_cfg("sweep_id=S1", f"tracking_uri={store['uri']}"))
+    p = client.get_run(ids["parent"])
+    # children differ in codebook.n_embed, but the record says the sweep varied first_stage.ch only
+    assert p.data.tags["vqt.sweep_confounds"] == "codebook.n_embed"
+    assert "differ in more than the swept keys" in p.data.tags["mlflow.note.content"]
+    client.set_tag(ids["parent"], "vqt.sweep_varying", json.dumps({"codebook": ["codebook.n_embed"]}))
+    ev_script.run(eval_cfg("sweep_id=S1", f"tracking_uri={store['uri']}"))
+    p = client.get_run(ids["parent"])
+    t, m = p.data.tags, p.data.metrics
+    assert t["vqt.sweep_confounds"] == "none"
+    children = {ids["c32"]: "c32", ids["c128"]: "c128"}
+    rfid = {name: client.get_run(rid).data.metrics["eval/standin/rfid"] for rid, name in children.items()}
+    psnr = {name: client.get_run(rid).data.metrics["eval/psnr"] for rid, name in children.items()}
+    assert t["best_metric"] == "standin/rfid" and t["best_run"] == min(rfid, key=rfid.get)
+    assert children[t["best_run_id"]] == t["best_run"]
+    assert m["best/standin/rfid"] == pytest.approx(min(rfid.values()))
+    assert m["best/psnr"] == pytest.approx(max(psnr.values()))
+    note = t["mlflow.note.content"]
+    assert f"`{t['best_run']}`" in note and "lower is better" in note and "not comparable to published" in note
+    first, second = sorted(rfid, key=rfid.get)
+    assert note.index(f"| {first} |") < note.index(f"| {second} |")  # the table, best first
+    q = parse_qs(urlsplit(t["vqt.runs_view_url"]).fragment.split("?", 1)[1])
+    assert q["searchFilter"] == [f"tags.`vqt.parent_run_id` = '{ids['parent']}'"]
+    # the swept key, codebook.n_embed, through its numeric twin (the runs view sorts params as strings)
+    assert q["orderByKey"] == ["metrics.`eval/codebook_size`"] and q["orderByAsc"] == ["true"]
+    assert f"/#/experiments/{p.info.experiment_id}/runs?" in t["vqt.runs_view_url"] and t["vqt.runs_view_url"] in note
+    root = {a.path for a in client.list_artifacts(ids["parent"])}
+    assert {"comparison.csv", "comparison.md", "codebook_size.png", "eval"} <= root
+    md = Path(client.download_artifacts(ids["parent"], "comparison.md")).read_text()
+    assert "(stand-in numbers)" in md.splitlines()[0] and "↓ lower is better" in md
+
+
 def test_exactly_one_target():
     with pytest.raises(EvaluationError, match="exactly one of"):
         ev_script.run(eval_cfg())
@@ -211,6 +250,9 @@ class FakeGenerator(Stage):
     """Returns seeded random images; records the class labels and seeds it was asked for."""
 
     name = "vitgan"
+    capabilities = frozenset({"sample"})
+    condition_type = "class"  # declared, as the Stage interface has it (the config is not read)
+    num_classes = 6
 
     def __init__(self, cfg, nll=False):
         super().__init__(cfg)
@@ -218,6 +260,7 @@ class FakeGenerator(Stage):
         self.seeds: list[int] = []
         self.net = torch.nn.Conv2d(3, 3, 1)
         if nll:
+            self.capabilities = frozenset({"sample", "nll"})
             self.nll = lambda batch: torch.full((batch["image"].shape[0], 16), 2.0)
 
     def setup(self, accelerator):
@@ -268,5 +311,5 @@ def test_transformer_reports_nll_and_bits_per_dim(tmp_path):
     s = evaluate_stage(stage, cfg, ev, torch.device("cpu"), tmp_path)
     assert s["metrics"]["nll"] == pytest.approx(2.0)
     assert s["metrics"]["bpd"] == pytest.approx(2.0 * 16 / (3 * 32 * 32 * 0.6931471805599453))
-    with pytest.raises(EvaluationError, match="no nll"):
+    with pytest.raises(EvaluationError, match="'nll' needs a likelihood"):
         evaluate_stage(FakeGenerator(cfg), cfg, ev, torch.device("cpu"), tmp_path)

@@ -15,6 +15,7 @@ from vqtransformer.evaluation.features import (
     resolve_weights,
 )
 from vqtransformer.evaluation.protocol import EvaluationError, to_uint8
+from vqtransformer.weights import WeightsUnavailableError
 
 REAL_HUB = hub_checkpoint_dir()
 
@@ -27,7 +28,7 @@ def empty_hub(tmp_path, monkeypatch):
 
 
 def test_missing_inception_weights_stop_with_file_dir_and_key(empty_hub):
-    with pytest.raises(EvaluationError) as e:
+    with pytest.raises(WeightsUnavailableError) as e:
         build_feature_network("inception", download=False)
     msg = str(e.value)
     assert INCEPTION_FILE in msg and str(empty_hub / "torch" / "hub" / "checkpoints") in msg
@@ -35,19 +36,19 @@ def test_missing_inception_weights_stop_with_file_dir_and_key(empty_hub):
 
 
 def test_missing_lpips_weights_stop_with_key(empty_hub):
-    with pytest.raises(EvaluationError, match="alexnet-owt-7be5be79.pth.*eval.lpips_weights"):
+    with pytest.raises(WeightsUnavailableError, match="alexnet-owt-7be5be79.pth.*eval.lpips_weights"):
         build_lpips("alex", download=False)
 
 
 def test_weights_file_with_wrong_hash_is_refused(tmp_path):
     bad = tmp_path / INCEPTION_FILE
     bad.write_bytes(b"not the inception weights")
-    with pytest.raises(EvaluationError, match="expected prefix 6726825d.*eval.feature_weights"):
+    with pytest.raises(WeightsUnavailableError, match="expected prefix 6726825d.*eval.feature_weights"):
         build_feature_network("inception", weights=str(bad))
 
 
 def test_explicit_weights_path_must_exist(tmp_path):
-    with pytest.raises(EvaluationError, match="eval.feature_weights=.*no such file"):
+    with pytest.raises(WeightsUnavailableError, match="eval.feature_weights=.*no such file"):
         build_feature_network("inception", weights=str(tmp_path / "nope.pth"))
 
 
@@ -123,7 +124,9 @@ def test_lpips_backbone_is_loaded_from_a_local_file(tmp_path, monkeypatch):
     """The verified backbone really replaces the random one (file given by eval.lpips_weights)."""
     import torchvision
 
-    from vqtransformer.evaluation import features as feats_mod
+    from vqtransformer.losses import (
+        perceptual as feats_mod,  # the one LPIPS stack, for training and evaluation
+    )
 
     tv = torchvision.models.alexnet(weights=None)
     path = tmp_path / "alexnet.pth"
@@ -131,9 +134,9 @@ def test_lpips_backbone_is_loaded_from_a_local_file(tmp_path, monkeypatch):
     prefix = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
     real_resolve = feats_mod.resolve_weights
 
-    def resolve(filename, url, sha_prefix, p, key, download=True, what=""):
+    def resolve(filename, url, sha_prefix, p, key, download=True, what="", hint=""):
         assert key == "eval.lpips_weights" and sha_prefix == "7be5be79"
-        return real_resolve(filename, url, prefix, p, key, download, what)  # our file's hash instead
+        return real_resolve(filename, url, prefix, p, key, download, what, hint)  # our file's hash instead
 
     monkeypatch.setattr(feats_mod, "resolve_weights", resolve)
     lp = build_lpips("alex", weights=str(path))

@@ -15,6 +15,7 @@ from vqtransformer.evaluation.protocol import (
     to_uint8,
 )
 from vqtransformer.evaluation.reconstruction import PixelMetrics, codebook_stats
+from vqtransformer.stages import stage_class
 
 CPU = torch.device("cpu")
 
@@ -116,7 +117,7 @@ def test_codebook_stats():
     counts = torch.tensor([4, 4, 0, 0, 8, 0, 0, 0])
     s = codebook_stats(counts)
     p = np.array([0.25, 0.25, 0.5])
-    assert s["codebook_usage"] == pytest.approx(37.5)
+    assert s["codebook_usage"] == pytest.approx(0.375)  # a fraction, as val/codebook_usage
     assert s["dead_codes"] == 5 and s["codebook_size"] == 8
     assert s["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
 
@@ -134,10 +135,11 @@ def test_class_balanced_labels():
 
 def test_generator_metric_on_a_first_stage_is_refused():
     with pytest.raises(EvaluationError, match="'is'.*first stage"):
-        metrics_for_stage("vqgan", ["psnr", "is"])
+        metrics_for_stage(stage_class("vqgan"), ["psnr", "is"])
     with pytest.raises(EvaluationError, match="'psnr'.*generator"):
-        metrics_for_stage("vitgan", ["psnr"])
-    assert metrics_for_stage("transformer", None) == ["fid", "is", "kid", "nll"]
+        metrics_for_stage(stage_class("vitgan"), ["psnr"])
+    assert metrics_for_stage(stage_class("transformer"), None) == ["fid", "is", "kid", "nll"]
+    assert metrics_for_stage(stage_class("vqdiffusion"), None) == ["fid", "is", "kid"]  # no likelihood declared
 
 
 def test_small_sample_count_names_the_number_needed():

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vqtransformer.evaluation import judge as J
-from vqtransformer.evaluation import judge_classes
+from vqtransformer.evaluation import judge_classes, rec_class_agreement
 from vqtransformer.evaluation.features import build_feature_network, default_feature_network
 from vqtransformer.evaluation.protocol import EvaluationError, metric_key
 
@@ -91,3 +91,12 @@ def test_class_accuracy_and_frequency_ratios(tmp_path):
     assert plot.is_file()
     unconditional, _ = judge_classes(_Fixed(), real.float(), real[:60].float(), None, 60, tmp_path)
     assert "class_accuracy" not in unconditional and unconditional["class_freq_max_ratio"] == pytest.approx(1.0)
+
+
+def test_reconstruction_class_agreement_compares_each_reconstruction_with_its_original():
+    real = (torch.arange(40) % 6)[:, None].float()
+    rec = real.clone()
+    rec[:10] = (rec[:10] + 1) % 6  # the first 10 reconstructions lost their class
+    assert rec_class_agreement(_Fixed(), real, rec) == pytest.approx(0.75)
+    assert rec_class_agreement(_Fixed(), real, real.flip(0)) < 1.0  # pairs, not histograms
+    assert metric_key("rec_class_agreement", "judge") == "judge/rec_class_agreement"

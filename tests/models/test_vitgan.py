@@ -229,7 +229,7 @@ def test_stage_checkpoint_round_trip(compose_cfg, accelerator):
     stage.training_step({"image": torch.zeros(2, 3, 16, 16)}, 0, 0)
     stage.after_step(0)
     state = stage.state_dict()
-    assert set(state) == {"generator", "discriminator", "generator_ema"}
+    assert set(state) == {"generator", "discriminator", "generator_ema", "arch"}
     other = make_stage(compose_cfg)
     torch.manual_seed(1)
     other.load_state_dict(state)

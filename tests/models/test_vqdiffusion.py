@@ -111,7 +111,7 @@ def tiny_vqgan(n_embed: int = 32):
 def test_stage_end_to_end(conditioning):
     from accelerate import Accelerator
 
-    from tests.conftest import compose
+    from tests.conftest import compose, optimizer_steps
     from vqtransformer.stages.vqdiffusion import VQDiffusionStage
 
     torch.manual_seed(0)
@@ -124,11 +124,7 @@ def test_stage_end_to_end(conditioning):
     (spec,) = stage.setup(Accelerator(cpu=True))
     batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "class_label": torch.tensor([0, 1, 2, 0])}
     stage.train(True)
-    for step in range(3):
-        loss, logs = stage.training_step(batch, step, 0)
-        spec.optimizer.zero_grad()
-        loss.backward()
-        spec.optimizer.step()
+    ((loss, logs),) = optimizer_steps(stage, spec, batch, 3)[-1:]
     assert torch.isfinite(loss) and set(logs) == {"loss/vlb", "loss/aux", "loss/total"}
     assert all(p.grad is None for p in stage.first_stage.parameters())  # frozen
     stage.train(False)
@@ -172,5 +168,7 @@ def test_train_py_end_to_end(tmp_path, mlflow_uri):
     (run,) = client.search_runs([client.get_experiment_by_name("vqdiffusion").experiment_id])
     for key in ("loss/vlb", "loss/aux", "loss/total", "val/vlb"):
         assert key in run.data.metrics, key
-    stage, _ = ckpt_io.load_stage_checkpoint(tmp_path / "run" / "checkpoints" / ckpt_io.LAST)
+    from vqtransformer.loading import load_stage
+
+    stage = load_stage(tmp_path / "run").stage  # a run directory: its checkpoints/last.ckpt
     assert stage.loss.Lt_count.sum() == 16 and stage.sample(2, [0, 1], steps=3).shape == (2, 3, 16, 16)

@@ -94,3 +94,26 @@ def test_usage_and_perplexity():
     vq(torch.zeros(1, 2, 2, 2))
     usage, _ = vq.usage()
     assert usage == pytest.approx(0.25)
+
+
+def test_loaded_codes_count_as_initialised():
+    """codebook.init=data must not replace loaded codes: taming's files (no initted flag, no EMA statistics), and
+    ours saved before the first step (initted False)."""
+    src = VectorQuantizer(16, 4, init="normal")
+    w0 = src.embedding.weight.detach().clone()
+    z = (w0[torch.arange(32) % 16] + 0.01 * torch.randn(32, 4)).view(2, 4, 4, 4).permute(0, 3, 1, 2)  # near the codes
+    for ema in (False, True):
+        q = VectorQuantizer(16, 4, init="data", ema=ema)
+        q.load_state_dict({"embedding.weight": w0.clone()})  # strict: what the file lacks is derived
+        assert bool(q.initted)
+        q.train()
+        q(z)
+        if ema:  # statistics started from the loaded codes: a small EMA move, not a data re-initialisation
+            assert (q.embedding.weight - w0).abs().max() < 0.05
+        else:  # no gradient step here: untouched
+            assert torch.equal(q.embedding.weight, w0)
+    ours = VectorQuantizer(16, 4, init="data").state_dict()
+    assert not bool(ours["initted"])
+    q = VectorQuantizer(16, 4, init="data")
+    q.load_state_dict(ours)
+    assert bool(q.initted)

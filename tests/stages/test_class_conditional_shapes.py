@@ -20,7 +20,7 @@ import torch
 
 from tests.conftest import run_train
 from vqtransformer.data.shapes import SHAPE_CLASSES, ShapesDataset
-from vqtransformer.training.checkpoint import load_stage_checkpoint
+from vqtransformer.loading import load_stage
 
 DATA = ["data=shapes", "data.max_objects=1", "data.object_scale=[0.3,0.45]", "data.resolution=32",
         "data.batch_size=16", "data.val_size=32", "trainer.val_batches=1", "trainer.log_every=50", "logger=none"]
@@ -48,7 +48,7 @@ def test_class_conditional_samples_show_the_requested_shape(tmp_path):
                                 f"hydra.run.dir={gpt_dir}"], cwd=tmp_path, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    stage, _ = load_stage_checkpoint(gpt_dir / "checkpoints" / "last.ckpt")
+    stage = load_stage(gpt_dir / "checkpoints" / "last.ckpt").stage
     assert stage.image_key == "segmentation"  # a prior over the label-map codes
     vq = stage.first_stage
     held_out = ShapesDataset("test", 32, 256, max_objects=1, object_scale=(0.3, 0.45))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose
+from tests.conftest import compose, optimizer_steps
 from vqtransformer.config import ConfigError
 from vqtransformer.models.conditioning import ConditionError
 from vqtransformer.models.vqgan import VQModel
@@ -35,7 +35,7 @@ def make_cfg(*overrides: str):
 
 def make_stage(*overrides: str, cond_vq=None, first_stage=None) -> TransformerStage:
     cfg = make_cfg(*overrides)
-    return TransformerStage(cfg, first_stage=first_stage or tiny_vq(), load_vq=lambda _: cond_vq)
+    return TransformerStage(cfg, first_stage=first_stage or tiny_vq(), cond_stage=cond_vq)
 
 
 def shapes_batch(n: int = 4, start: int = 0) -> dict:
@@ -61,15 +61,9 @@ def test_training_step_learns_and_validates():
     stage = make_stage("transformer.lr=3e-3", "transformer.warmup_steps=0")
     (spec,) = stage.setup(FakeAccelerator())
     batch = shapes_batch()
-    first = None
-    for step in range(8):
-        loss, logs = stage.training_step(batch, step, 0)
-        first = first if first is not None else loss.item()
-        assert set(logs) == {"loss/train"} and math.isfinite(logs["loss/train"])
-        loss.backward()
-        spec.optimizer.step()
-        spec.optimizer.zero_grad()
-    assert loss.item() < first
+    steps = optimizer_steps(stage, spec, batch, 8)
+    assert all(set(logs) == {"loss/train"} and math.isfinite(logs["loss/train"]) for _, logs in steps)
+    assert steps[-1][0].item() < steps[0][0].item()
     stage.train(False)
     metrics = stage.validate(batch)
     assert metrics["val/bpd"] == pytest.approx(metrics["val/nll"] / math.log(2))
@@ -154,7 +148,7 @@ def test_segmentation_conditioning_and_bad_maps():
     with pytest.raises(ConfigError, match="data.num_classes"):
         make_stage("conditioning=segmentation", "conditioning.ckpt=seg.ckpt", "data.num_classes=3", cond_vq=seg_vq)
     with pytest.raises(ConfigError, match="conditioning.ckpt"):
-        make_stage("conditioning=segmentation", cond_vq=seg_vq)
+        make_stage("conditioning=segmentation")  # no VQ model of the maps given
 
 
 def test_depth_coord_and_lowres_conditioning():
@@ -180,12 +174,15 @@ def test_bad_configs_fail_before_any_work(tmp_path):
         make_stage("transformer.block_size=8")
     with pytest.raises(ConfigError, match="transformer.schedule"):
         make_stage("transformer.schedule=linear")
+    from vqtransformer.loading import build_stage
     from vqtransformer.training.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="first_stage.ckpt"):
-        TransformerStage(compose(["stage=transformer"]))
+        build_stage(compose(["stage=transformer"]))
     with pytest.raises(CheckpointError, match="does not exist"):
-        TransformerStage(compose(["stage=transformer", f"first_stage.ckpt={tmp_path / 'missing.ckpt'}"]))
+        build_stage(compose(["stage=transformer", f"first_stage.ckpt={tmp_path / 'missing.ckpt'}"]))
+    with pytest.raises(ConfigError, match="needs its frozen first stage"):
+        TransformerStage(compose(["stage=transformer"]))  # the loader gives it; the stage loads nothing
     stage = make_stage("transformer.block_size=16")
     with pytest.raises(ValueError, match="block_size"):  # a larger grid needs the window; 4x4 fits, 5x5 does not
         from vqtransformer.sampling.autoregressive import sample_cached

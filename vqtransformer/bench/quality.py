@@ -66,7 +66,7 @@ def test_metrics(stage, dataset, batch_size: int = 250) -> dict:
 
 def run_one(k: int, steps: int, root: Path, variant: str, lr: float) -> dict:
     from vqtransformer.data import build_datasets
-    from vqtransformer.stages import build_stage
+    from vqtransformer.loading import build_stage
     from vqtransformer.training.checkpoint import load
     from vqtransformer.training.loop import run_training
 

@@ -18,7 +18,7 @@ __all__ = ["build_datasets", "DataError", "ShapesDataset", "balanced_indices", "
 
 def _common(cfg: DictConfig) -> dict:
     return {"random_crop": cfg.get("random_crop", True), "flip": cfg.get("flip", True),
-            "max_bad_fraction": cfg.get("max_bad_fraction", 0.01)}
+            "max_bad_fraction": cfg.get("max_bad_fraction", 0.01), "max_image_pixels": cfg.get("max_image_pixels")}
 
 
 def _ruled(ds: Dataset, rule: str) -> Dataset:

@@ -41,7 +41,7 @@ def path_key(seed: int, path: Path | str, root: Path | str | None = None) -> int
             path = path.relative_to(Path(root))
         except ValueError:  # outside the root (an absolute path in a list): the path as given
             pass
-    digest = hashlib.blake2b(f"{int(seed)}\0{path.as_posix()}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{int(seed)}\0{path.as_posix()}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
@@ -22,7 +21,6 @@ from vqtransformer.evaluation.features import build_feature_network, build_lpips
 from vqtransformer.evaluation.protocol import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_NUM_SAMPLES_SHAPES,
-    RECONSTRUCTION_STAGES,
     EvaluationError,
     Protocol,
     check_covariance_rank,
@@ -30,6 +28,7 @@ from vqtransformer.evaluation.protocol import (
     metrics_for_stage,
     to_uint8,
 )
+from vqtransformer.weights import WeightsUnavailableError
 
 __all__ = ["EvaluationError", "evaluate_stage", "write_summary", "prepare_stage", "format_table", "Protocol"]
 
@@ -40,17 +39,7 @@ _FEATURE_NEEDS = {"fid", "rfid", "is", "kid"}
 
 def prepare_stage(stage, device: torch.device):
     """Move every module of the stage to ``device`` and switch to eval mode."""
-    if hasattr(stage, "to"):
-        stage.to(device)
-    else:
-        for v in vars(stage).values():
-            if isinstance(v, nn.Module):
-                v.to(device)
-    for v in vars(stage).values():
-        if isinstance(v, nn.Module):
-            v.eval()
-    stage.train(False)
-    return stage
+    return stage.to(device).eval()
 
 
 def eval_data_config(cfg: DictConfig, ev: DictConfig) -> DictConfig:
@@ -67,18 +56,32 @@ def _loader(dataset, ev: DictConfig, data_cfg: DictConfig) -> DataLoader:
 
 
 def _num_classes(cfg: DictConfig, stage, dataset) -> int | None:
-    """Classes to balance samples over, when the stage is class-conditional."""
-    ctype = OmegaConf.select(stage.cfg, "conditioning.type") or OmegaConf.select(cfg, "stage.conditioning.type")
-    if ctype != "class":
+    """Classes to balance samples over, when the stage is class-conditional (``Stage.condition_type``)."""
+    if stage.condition_type != "class":
         return None
     from vqtransformer.data import num_classes
 
-    n = (OmegaConf.select(stage.cfg, "conditioning.num_classes") or OmegaConf.select(cfg, "data.num_classes")
-         or num_classes(dataset))
+    n = stage.num_classes or OmegaConf.select(cfg, "data.num_classes") or num_classes(dataset)
     if not n:
         raise EvaluationError("class-conditional stage but the number of classes is unknown; set "
                               "conditioning.num_classes (or data.num_classes)")
     return int(n)
+
+
+def standin_choice(ev: DictConfig, data_cfg: DictConfig | None = None) -> tuple[str, str]:
+    """(feature network, LPIPS backbone) after the offline switch ``eval.standin=true``: Inception becomes
+    the labelled stand-in network (the dataset's judge, e.g. ``shapes_judge`` on data=shapes, is kept: it
+    needs no download) and the LPIPS backbone the stand-in one. Their numbers are named ``<network>/<metric>``."""
+    from vqtransformer.evaluation.features import default_feature_network
+
+    name, lpips_net = str(ev.feature_network), str(ev.get("lpips_net", "alex"))
+    if bool(ev.get("standin", False)):
+        if name == "auto":
+            name = default_feature_network(data_cfg)
+        if name == "inception":
+            name = "standin"
+        lpips_net = "standin"
+    return name, lpips_net
 
 
 def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device, out_dir: Path) -> dict:
@@ -90,26 +93,24 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
     from vqtransformer.data import build_dataset
     from vqtransformer.data.splits import dataset_summary
 
-    stage_name = str(OmegaConf.select(cfg, "stage.name") or stage.name)
+    stage_name = stage.name
     requested = ev.get("metrics")
     if isinstance(requested, str):
         requested = [requested]
-    metrics = metrics_for_stage(stage_name, list(requested) if requested else None)
-    if "nll" in metrics and not hasattr(stage, "nll"):
-        raise EvaluationError(f"stage '{stage_name}' has no nll(batch) method, needed for eval.metrics 'nll'; "
-                              "drop it (e.g. eval.metrics=[fid,is,kid])")
-    recon = stage_name in RECONSTRUCTION_STAGES
+    metrics = metrics_for_stage(stage, list(requested) if requested else None)
+    recon = "reconstruct" in stage.capabilities
     if str(cfg.data.get("target", "image")) != "image":
         raise EvaluationError(f"data.target={cfg.data.target}: the protocol scores image models only")
     # weights first: a missing file stops us before any sampling
     data_cfg = eval_data_config(cfg, ev)
-    net = (build_feature_network(str(ev.feature_network), ev.get("feature_weights"), bool(ev.download), data_cfg)
+    feature_name, lpips_net = standin_choice(ev, data_cfg)
+    net = (build_feature_network(feature_name, ev.get("feature_weights"), bool(ev.download), data_cfg)
            if _FEATURE_NEEDS & set(metrics) else None)
     lpips, notes = None, []
     if "lpips" in metrics:
         try:
-            lpips = build_lpips(str(ev.lpips_net), ev.get("lpips_weights"), bool(ev.download))
-        except EvaluationError as e:
+            lpips = build_lpips(lpips_net, ev.get("lpips_weights"), bool(ev.download))
+        except WeightsUnavailableError as e:
             if requested:  # asked for by name: no score without it
                 raise
             metrics = [m for m in metrics if m != "lpips"]  # a stage default: the others are still scored
@@ -160,12 +161,14 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
     prepare_stage(stage, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     if recon:
-        vq = reconstruction.find_vqmodel(stage)
+        vq = stage.reconstruction_model()
         pix, counts, rec_feats = reconstruction.reconstruct(
             vq, loader, device, metrics, lpips, net if "rfid" in metrics else None, len(loader))
         values.update(pix)
         if "rfid" in metrics:
             values["rfid"] = generative.fid(real_feats.to(device), rec_feats.to(device))
+            if hasattr(net, "classify"):  # a dataset judge: is each reconstruction still what its original shows?
+                values["rec_class_agreement"] = rec_class_agreement(net, real_feats, rec_feats)
         if "codebook" in metrics:
             values.update(reconstruction.codebook_stats(counts))
             hist = reconstruction.plot_code_histogram(counts, out_dir / "code_histogram.png",
@@ -195,9 +198,10 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
             val = dataset if split == "val" else build_dataset(data_cfg, False)
             values.update(generative.transformer_nll(stage, _loader(val, ev, data_cfg), device, resolution * resolution))
 
-    if "lpips" in values and str(ev.lpips_net) == "standin":
-        values["lpips_standin"] = values.pop("lpips")
-        notes.append("LPIPS computed with eval.lpips_net=standin (random backbone): plumbing only, not LPIPS")
+    if "lpips" in values and lpips_net == "standin":  # eval/<network>/<metric>, as for the feature network
+        values["standin/lpips"] = values.pop("lpips")
+        notes.append("LPIPS computed with a stand-in (random) backbone (eval.standin=true or eval.lpips_net=standin): "
+                     "plumbing only, not LPIPS")
     return {
         "stage": stage_name,
         "split": {"name": split, **dataset_summary(dataset)},  # which real images were scored
@@ -208,6 +212,13 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
         "metrics": {metric_key(k, net.name if net else "inception"): v for k, v in values.items()},
         "notes": notes, "real_stats": cache_info, "artifacts": artifacts,
     }
+
+
+def rec_class_agreement(net, real_feats: torch.Tensor, rec_feats: torch.Tensor) -> float:
+    """The fraction of reconstructions the judge puts in the class it gives their originals (same
+    order: both come from the unshuffled loader). A first stage's ceiling for the class accuracy of
+    the generators trained on its codes."""
+    return float((net.classify(rec_feats).cpu() == net.classify(real_feats).cpu()).double().mean())
 
 
 def judge_classes(net, real_feats: torch.Tensor, fake_feats: torch.Tensor, num_classes: int | None, n: int,

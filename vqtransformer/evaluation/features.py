@@ -1,17 +1,16 @@
 """Feature networks (Inception for FID / IS / KID, or a named stand-in) and LPIPS, with their weights.
 
-Weights never come from the network silently: they are read from ``eval.feature_weights`` /
-``eval.lpips_weights`` or from the torch hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded
-there only when ``eval.download=true`` and the network is reachable, and their sha256 prefix
-(the one in the file name) is checked. If they cannot be had, :class:`EvaluationError` names the
-file, the cache directory and the key to set.
+Weights never come from the network silently: :func:`vqtransformer.weights.resolve_weights` (the one
+resolver, shared with the training loss) reads them from ``eval.feature_weights`` / ``eval.lpips_weights``
+or from the torch hub cache (``$TORCH_HOME/hub/checkpoints``), downloads them there only when
+``eval.download=true`` and the network is reachable, and checks their sha256 prefix (the one in the file
+name). If they cannot be had, :class:`~vqtransformer.weights.WeightsUnavailableError` names the file, the
+cache directory and the key to set. LPIPS is the training loss's (:func:`vqtransformer.losses.perceptual.build_lpips`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
-import socket
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +20,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from vqtransformer.evaluation.protocol import EvaluationError
+from vqtransformer.weights import WeightsUnavailableError, hub_checkpoint_dir, resolve_weights, sha256_file
+
+__all__ = ["build_feature_network", "build_lpips", "extract_features", "resolve_weights", "hub_checkpoint_dir",
+           "WeightsUnavailableError", "FeatureNetwork", "StandinFeatures", "INCEPTION_FILE"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -28,53 +31,10 @@ INCEPTION_SHA256_PREFIX = "6726825d"
 
 STANDIN_VERSION = 1
 
-
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def resolve_weights(filename: str, url: str, sha_prefix: str, path: str | None, key: str,
-                    download: bool = True, what: str = "weights") -> Path:
-    """Local path of a verified weights file: ``path`` (from config key ``key``) or the hub cache."""
-    if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise EvaluationError(f"{key}={path}: no such file (expected the {what}, '{filename}')")
-    else:
-        p = hub_checkpoint_dir() / filename
-        if not p.is_file():
-            if not download:
-                raise EvaluationError(_missing(filename, what, key, "eval.download=false"))
-            try:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                old = socket.getdefaulttimeout()
-                socket.setdefaulttimeout(30)
-                try:
-                    torch.hub.download_url_to_file(url, str(p), hash_prefix=sha_prefix, progress=True)
-                finally:
-                    socket.setdefaulttimeout(old)
-            except Exception as e:  # no network, proxy, hash mismatch: all end the same way
-                raise EvaluationError(_missing(filename, what, key, f"download from {url} failed: {e}")) from e
-    digest = sha256_file(p)
-    if not digest.startswith(sha_prefix):
-        raise EvaluationError(
-            f"{what} file {p} has sha256 {digest[:16]}..., expected prefix {sha_prefix} ('{filename}'). "
-            f"Set {key}=PATH to the right file, or delete {p} to fetch it again.")
-    return p
-
-
-def _missing(filename: str, what: str, key: str, why: str) -> str:
-    return (f"{what} '{filename}' are not available ({why}). Put the file in {hub_checkpoint_dir()} "
-            f"(the torch hub cache, $TORCH_HOME/hub/checkpoints) or set {key}=/path/to/{filename}. "
-            "No score is reported with a different network.")
+#: evaluate.py's way out when weights are missing (appended to the resolver's error)
+OFFLINE_HINT = ("No score is reported with a different network unless you ask for it: offline, eval.standin=true "
+                "scores with labelled stand-in networks (metrics eval/standin/..., plumbing only, not comparable to "
+                "published numbers; docs/evaluation.md).")
 
 
 class FeatureNetwork(nn.Module):
@@ -194,7 +154,7 @@ def build_feature_network(name: str, weights: str | None = None, download: bool 
         return load_or_train_judge(data_cfg)
     if name == "inception":
         path = resolve_weights(INCEPTION_FILE, INCEPTION_URL, INCEPTION_SHA256_PREFIX, weights,
-                               "eval.feature_weights", download, "Inception weights")
+                               "eval.feature_weights", download, "Inception weights", OFFLINE_HINT)
         return InceptionFeatures(path)
     if name == "standin":
         return StandinFeatures()
@@ -224,35 +184,22 @@ def extract_features(net: FeatureNetwork, batches: Iterable[torch.Tensor], devic
 
 
 # -- LPIPS ----------------------------------------------------------------
-_LPIPS_BACKBONES = {"alex": ("alexnet", "AlexNet_Weights"), "vgg": ("vgg16", "VGG16_Weights"),
-                    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights")}
-
-
 def build_lpips(net: str = "alex", weights: str | None = None, download: bool = True) -> nn.Module:
-    """torchmetrics' LPIPS network (its calibrated linear heads ship with the package) on a verified
-    ImageNet backbone. Call as ``lpips(a, b)`` with images in [-1, 1]; returns [B] distances."""
-    import torchvision
-    from torchmetrics.functional.image.lpips import _NoTrainLpips
+    """The training loss's LPIPS (:func:`vqtransformer.losses.perceptual.build_lpips`: the ``lpips``
+    package's calibrated linear heads on a verified ImageNet backbone) as a metric: ``lpips(a, b)`` with
+    images in [-1, 1] returns [B] distances. ``standin``: the AlexNet layout with a random backbone fixed
+    by seed (offline plumbing; its numbers are labelled ``standin/lpips``)."""
+    from vqtransformer.losses.perceptual import BACKBONE_FILES
+    from vqtransformer.losses.perceptual import build_lpips as lpips_network
 
-    if net == "standin":  # offline plumbing: AlexNet layout, random backbone fixed by seed; labelled 'lpips_standin'
+    if net == "standin":
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = _NoTrainLpips(net="alex", pnet_rand=True)
-        return _LpipsDistance(model.eval().requires_grad_(False))
-    if net not in _LPIPS_BACKBONES:
-        raise EvaluationError(f"eval.lpips_net={net}: choose one of {sorted(_LPIPS_BACKBONES)} or 'standin'")
-    arch, enum = _LPIPS_BACKBONES[net]
-    url = getattr(torchvision.models, enum).DEFAULT.url
-    filename = url.rsplit("/", 1)[1]  # e.g. alexnet-owt-7be5be79.pth: sha256 prefix after the last '-'
-    path = resolve_weights(filename, url, filename.rsplit("-", 1)[1].split(".")[0], weights,
-                           "eval.lpips_weights", download, f"LPIPS backbone ({arch}) weights")
-    backbone = getattr(torchvision.models, arch)(weights=None)
-    backbone.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model = _NoTrainLpips(net=net, pnet_rand=True)  # linear heads loaded from torchmetrics; backbone random...
-    for part in model.net.children():  # ...until replaced by the verified ImageNet features, slice by slice
-        for idx, module in part.named_children():
-            module.load_state_dict(backbone.features[int(idx)].state_dict())
-    return _LpipsDistance(model.eval().requires_grad_(False))
+            return _LpipsDistance(lpips_network("alex", random_backbone=True))
+    if net not in BACKBONE_FILES:
+        raise EvaluationError(f"eval.lpips_net={net}: choose one of {sorted(BACKBONE_FILES)} or 'standin'")
+    return _LpipsDistance(lpips_network(net, weights, key="eval.lpips_weights", download=download,
+                                        hint=OFFLINE_HINT))
 
 
 class _LpipsDistance(nn.Module):

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from vqtransformer.errors import UserError
+
 PROTOCOL_VERSION = 1
 
 #: metrics of a first stage (reconstruction of the real split)
@@ -28,18 +30,15 @@ RECONSTRUCTION_METRICS = ("rfid", "lpips", "psnr", "ssim", "ms_ssim", "l1", "cod
 #: metrics of a generator (samples vs the real split); ``nll`` is the transformer's own
 GENERATOR_METRICS = ("fid", "is", "kid", "nll")
 #: metrics whose value depends on the feature network (keys carry its name unless it is ``inception``)
-FEATURE_METRICS = ("rfid", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "class_accuracy",
+FEATURE_METRICS = ("rfid", "rec_class_agreement", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "class_accuracy",
                    "class_freq_min_ratio", "class_freq_max_ratio")
-
-RECONSTRUCTION_STAGES = ("vqgan",)
-GENERATOR_STAGES = ("transformer", "vqdiffusion", "vitgan")
 
 #: eval.num_samples=null means this many generated samples (fewer on the synthetic ``shapes`` data)
 DEFAULT_NUM_SAMPLES = 10_000
 DEFAULT_NUM_SAMPLES_SHAPES = 1_000
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """A user-facing failure: the message says what is wrong and which key or argument fixes it."""
 
 
@@ -53,30 +52,33 @@ def uint8_to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.double().div(255.0)
 
 
-def metrics_for_stage(stage_name: str, requested: list[str] | None, has_nll: bool = False) -> list[str]:
-    """The metrics to compute for ``stage_name``: ``requested`` checked, or the stage's defaults."""
-    if stage_name in RECONSTRUCTION_STAGES:
+def metrics_for_stage(stage, requested: list[str] | None) -> list[str]:
+    """The metrics to compute for ``stage`` (a Stage or Stage class: its ``name`` and declared
+    ``capabilities``): ``requested`` checked, or the defaults of what it can do (a first stage:
+    reconstruction metrics; a generator: FID / IS / KID, plus NLL when it has a likelihood)."""
+    name, caps = stage.name, stage.capabilities
+    if "reconstruct" in caps:
         allowed, kind, other = RECONSTRUCTION_METRICS, "a first stage (reconstruction)", GENERATOR_METRICS
         default = list(RECONSTRUCTION_METRICS)
-    elif stage_name in GENERATOR_STAGES:
+    elif "sample" in caps:
         allowed, kind, other = GENERATOR_METRICS, "a generator", RECONSTRUCTION_METRICS
-        default = ["fid", "is", "kid"] + (["nll"] if stage_name == "transformer" else [])
+        default = ["fid", "is", "kid"] + (["nll"] if "nll" in caps else [])
     else:
-        raise EvaluationError(f"stage '{stage_name}' has no evaluation protocol; known stages: "
-                              f"{', '.join(RECONSTRUCTION_STAGES + GENERATOR_STAGES)}")
+        raise EvaluationError(f"stage '{name}' has no evaluation protocol: it neither reconstructs nor samples")
     if requested is None:
         return default
     requested = [str(m) for m in requested]
     for m in requested:
         if m in other:
             raise EvaluationError(
-                f"eval.metrics asks for '{m}', but stage '{stage_name}' is {kind}; its metrics are "
+                f"eval.metrics asks for '{m}', but stage '{name}' is {kind}; its metrics are "
                 f"{list(allowed)}. Drop '{m}' from eval.metrics (or leave eval.metrics=null for the defaults).")
         if m not in allowed:
-            raise EvaluationError(f"eval.metrics: unknown metric '{m}' for stage '{stage_name}'; choose from "
+            raise EvaluationError(f"eval.metrics: unknown metric '{m}' for stage '{name}'; choose from "
                                   f"{list(allowed)}")
-    if "nll" in requested and stage_name != "transformer":
-        raise EvaluationError(f"eval.metrics: 'nll' is only defined for the transformer stage, not '{stage_name}'")
+    if "nll" in requested and "nll" not in caps:
+        raise EvaluationError(f"eval.metrics: 'nll' needs a likelihood, which stage '{name}' does not have; drop it "
+                              "(e.g. eval.metrics=[fid,is,kid])")
     return requested
 
 

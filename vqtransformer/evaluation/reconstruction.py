@@ -20,26 +20,17 @@ MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_KERNEL = 11
 
 
-def find_vqmodel(stage) -> nn.Module:
-    """The stage's first-stage model: the module exposing ``encode_to_indices`` / ``decode_indices``."""
-    candidates = [getattr(stage, "model", None), *stage.trainable_modules().values()]
-    for m in candidates:
-        m = stage.unwrap(m) if m is not None else None
-        if m is not None and hasattr(m, "encode_to_indices") and hasattr(m, "decode_indices"):
-            return m
-    raise EvaluationError(f"stage '{stage.name}' has no module with encode_to_indices/decode_indices to evaluate")
-
-
 def ms_ssim_fits(size: int) -> bool:
     return size > (SSIM_KERNEL - 1) * 2 ** (len(MS_SSIM_BETAS) - 1)
 
 
 def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
-    """Usage (% of codes used at least once over the split), perplexity exp(H(p)) and dead codes."""
+    """Usage (fraction of codes used at least once over the split, in [0, 1] like ``val/codebook_usage``),
+    perplexity exp(H(p)) and dead codes."""
     counts = counts.double()
     p = counts / counts.sum().clamp_min(1)
     nz = p[p > 0]
-    return {"codebook_usage": float((counts > 0).double().mean() * 100), "perplexity": float(torch.exp(-(nz * nz.log()).sum())),
+    return {"codebook_usage": float((counts > 0).double().mean()), "perplexity": float(torch.exp(-(nz * nz.log()).sum())),
             "dead_codes": int((counts == 0).sum()), "codebook_size": int(counts.numel())}
 
 

@@ -11,11 +11,12 @@ initialised backbone, for tests and timing only (it is logged with the run).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.nn as nn
+
+from vqtransformer.weights import WeightsUnavailableError, hub_checkpoint_dir, resolve_weights
+
+__all__ = ["BACKBONE_FILES", "WeightsUnavailableError", "build_lpips", "hub_checkpoint_dir"]
 
 BACKBONE_FILES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
@@ -24,41 +25,30 @@ BACKBONE_FILES = {
 }
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights are neither cached nor downloadable; the message says what to set."""
-
-
-def hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _fetch_backbone(net: str, weights: str | None, key: str) -> dict[str, torch.Tensor]:
+def _fetch_backbone(net: str, weights: str | None, key: str, download: bool = True,
+                    hint: str | None = None) -> dict[str, torch.Tensor]:
     if net not in BACKBONE_FILES:
         raise ValueError(f"{key.rsplit('.', 1)[0]}.lpips_net must be one of {sorted(BACKBONE_FILES)}, got '{net}'")
     filename, url = BACKBONE_FILES[net]
-    path = Path(weights).expanduser() if weights else hub_checkpoint_dir() / filename
-    if not path.is_file() and not weights and os.environ.get("VQT_OFFLINE", "0") != "1":
-        try:  # first use on a machine with network: torchvision's own download into the hub cache
-            torch.hub.download_url_to_file(url, str(path), progress=False)
-        except Exception:  # noqa: BLE001 - any network failure means "not available"
-            pass
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"LPIPS needs the ImageNet weights of torchvision's {net} backbone, file '{filename}', which is not in "
-            f"the torch hub cache '{hub_checkpoint_dir()}' (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}) "
-            f"and could not be downloaded from {url}. Copy the file there, or set {key}=/path/to/{filename}, "
-            f"or turn the perceptual loss off with {key.rsplit('.', 1)[0]}.perceptual=none.")
+    if hint is None:
+        hint = f"Or turn the perceptual loss off with {key.rsplit('.', 1)[0]}.perceptual=none."
+    # the one resolver (vqtransformer.weights): explicit file or hub cache, sha256-checked, one offline error
+    path = resolve_weights(filename, url, filename.rsplit("-", 1)[1].split(".")[0], weights, key, download,
+                           f"LPIPS backbone ({net}) ImageNet weights", hint)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def build_lpips(net: str = "vgg", weights: str | None = None, random_backbone: bool = False,
-                key: str = "first_stage.loss.lpips_weights") -> nn.Module:
-    """A frozen ``lpips.LPIPS`` in eval mode; ``forward(x, y)`` with x, y in [-1, 1] gives [B,1,1,1]."""
+                key: str = "first_stage.loss.lpips_weights", download: bool = True,
+                hint: str | None = None) -> nn.Module:
+    """A frozen ``lpips.LPIPS`` in eval mode; ``forward(x, y)`` with x, y in [-1, 1] gives [B,1,1,1].
+    The one LPIPS of the project: the training loss and evaluate.py's metric (``key`` names the config key
+    of the backbone file; ``download``/``hint`` as in :func:`vqtransformer.weights.resolve_weights`)."""
     import lpips
 
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     if not random_backbone:
-        tv_state = _fetch_backbone(net, weights, key)
+        tv_state = _fetch_backbone(net, weights, key, download, hint)
         # lpips keeps torchvision's feature modules in slices with their original indices:
         # net.sliceK.X.weight <- features.X.weight
         own = model.net.state_dict()

@@ -23,15 +23,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vqtransformer.config import ConfigError
+from vqtransformer.errors import UserError
 
 CONDITIONING_TYPES = ("none", "class", "segmentation", "depth", "coord", "lowres")
 CONDITION_KEYS = ("class_label", "segmentation", "depth", "coord", "lowres")
 
 
-class ConditionError(ValueError):
+class ConditionError(UserError, ValueError):
     """A condition that does not fit the model (wrong type, size, range); the message says what to fix.
     (Configuration mistakes raise :class:`~vqtransformer.config.ConfigError`.)"""
 
@@ -167,10 +168,12 @@ class ClassTokens(Conditioning):
         return torch.full_like(c, self.num_classes)
 
 
-def one_hot_map(seg: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class ids [B, H, W] -> one-hot [B, K, H, W] in {-1, 1}: the input of a ``stage=vqgan
-    data.target=segmentation`` model (K = data.num_classes + 1, id 0 = background)."""
-    return F.one_hot(seg.long(), num_classes).permute(0, 3, 1, 2).float() * 2 - 1
+def one_hot_map(seg: torch.Tensor, num_classes: int, values: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """Class ids [B, H, W] -> one-hot [B, K, H, W] with ``values`` (off, on): {-1, 1} is the input of a
+    ``stage=vqgan data.target=segmentation`` model (K = data.num_classes + 1, id 0 = background), {0, 1} that
+    of taming's segmentation VQ models (``VQModel.label_values``)."""
+    off, on = values
+    return F.one_hot(seg.long(), num_classes).permute(0, 3, 1, 2).float() * (on - off) + off
 
 
 def _palette(num_classes: int) -> torch.Tensor:
@@ -192,6 +195,7 @@ class MapTokens(Conditioning):
         self.vocab_size = int(vq.quantize.n_embed)
         self.f = downsample_factor(vq)
         self.in_channels = _in_channels(vq)
+        self.label_values = tuple(getattr(vq, "label_values", (-1.0, 1.0)))
         if type == "depth" and self.in_channels != 1:
             raise ConfigError(f"the depth VQ model (conditioning.ckpt) takes {self.in_channels} input channels, "
                                  "expected 1: train it with stage=vqgan data.target=depth")
@@ -223,8 +227,9 @@ class MapTokens(Conditioning):
 
     def encode(self, batch: dict, image_size: tuple[int, int]) -> torch.Tensor:
         m = self._map(batch, image_size)
-        x = one_hot_map(m, self.in_channels) if self.type == "segmentation" else m.float()
-        return self.vq.encode_to_indices(x.to(next(self.vq.parameters()).device))
+        x = one_hot_map(m, self.in_channels, self.label_values) if self.type == "segmentation" else m
+        w = next(self.vq.parameters())
+        return self.vq.encode_to_indices(x.to(device=w.device, dtype=w.dtype))
 
     def show(self, batch: dict, image_size: tuple[int, int]) -> torch.Tensor | None:
         m = self._map(batch, image_size)
@@ -301,23 +306,26 @@ class LowResTokens(Conditioning):
         return F.interpolate(self.lowres(batch, image_size), size=tuple(image_size), mode="nearest")
 
 
+def needs_vq(cfg: DictConfig) -> bool:
+    """Whether ``conditioning`` (the config group) encodes its condition with a VQ model of its own
+    (``conditioning.ckpt`` / ``run_id`` / ``taming_config``), which the caller loads and passes in."""
+    kind = cfg.get("type", "none")
+    return kind in ("segmentation", "depth") or (kind == "lowres" and bool(cfg.get("ckpt") or cfg.get("run_id")))
+
+
 def build_conditioning(cfg: DictConfig, first_stage: nn.Module, resolution: int, num_classes: int | None = None,
-                       load_vq=None) -> Conditioning:
-    """The encoder for ``cfg`` (the ``conditioning`` group) and images of ``resolution`` px.
-    ``load_vq(cfg)`` loads a frozen VQ model from ``{ckpt, run_id}`` (default:
-    :func:`vqtransformer.training.checkpoint.load_first_stage`)."""
+                       cond_vq: nn.Module | None = None) -> Conditioning:
+    """The encoder for ``cfg`` (the ``conditioning`` group) and images of ``resolution`` px. ``cond_vq``: the
+    frozen VQ model of the condition when :func:`needs_vq` (loaded by :mod:`vqtransformer.loading`)."""
     kind = cfg.get("type", "none")
     if kind not in CONDITIONING_TYPES:
         raise ConfigError(f"conditioning.type='{kind}' is unknown; choose one of {', '.join(CONDITIONING_TYPES)}")
 
     def vq_from_cfg() -> nn.Module:
-        if not cfg.get("ckpt") and not cfg.get("run_id"):
+        if cond_vq is None:
             raise ConfigError(f"conditioning.type={kind} needs its VQ model: set conditioning.ckpt=PATH (or "
-                                 f"conditioning.run_id=ID) of a stage=vqgan run trained on the {kind} maps")
-        loader = load_vq
-        if loader is None:
-            from vqtransformer.training.checkpoint import load_first_stage as loader
-        return loader(OmegaConf.create({"ckpt": cfg.get("ckpt"), "run_id": cfg.get("run_id")}))
+                              f"conditioning.run_id=ID) of a stage=vqgan run trained on the {kind} maps")
+        return cond_vq
 
     if kind == "none":
         return StartToken()
@@ -336,5 +344,5 @@ def build_conditioning(cfg: DictConfig, first_stage: nn.Module, resolution: int,
         return enc
     if kind == "coord":
         return CoordTokens(int(cfg.get("n_embed", 1024)), downsample_factor(first_stage))
-    vq = vq_from_cfg() if (cfg.get("ckpt") or cfg.get("run_id")) else first_stage
+    vq = vq_from_cfg() if needs_vq(cfg) else first_stage
     return LowResTokens(vq, int(cfg.get("size") or resolution // int(cfg.get("factor", 4))))

@@ -1,10 +1,9 @@
 """VQGAN first stage (Esser, Rombach, Ommer 2021) — taming's ``VQModel`` layout.
 
 ``encoder`` -> ``quant_conv`` (1x1, z_channels -> embed_dim) -> ``quantize`` ->
-``post_quant_conv`` (1x1, embed_dim -> z_channels) -> ``decoder``. A Lightning
-checkpoint of the original project (``state_dict`` with ``encoder.*``, ``decoder.*``,
-``quant_conv.*``, ``post_quant_conv.*``, ``quantize.embedding.weight``, ``loss.*``) loads
-with :func:`split_taming_state_dict`.
+``post_quant_conv`` (1x1, embed_dim -> z_channels) -> ``decoder``. The parameter names are
+taming's, so a Lightning checkpoint of the original project loads one to one
+(:mod:`vqtransformer.models.taming`).
 """
 
 from __future__ import annotations
@@ -20,15 +19,24 @@ from vqtransformer.modules.quantize import VectorQuantizer
 
 
 class VQModel(nn.Module):
-    def __init__(self, ddconfig: dict[str, Any], n_embed: int, embed_dim: int, quantizer: dict[str, Any] | None = None):
+    def __init__(self, ddconfig: dict[str, Any], n_embed: int, embed_dim: int, quantizer: dict[str, Any] | None = None,
+                 quantize_module: nn.Module | None = None):
+        """``quantize_module`` (FSQ / LFQ, :func:`vqtransformer.modules.scalar_quantize.build_quantizer`)
+        replaces the taming ``VectorQuantizer`` built from ``n_embed`` / ``embed_dim`` / ``quantizer``."""
         super().__init__()
         self.ddconfig = dict(ddconfig)
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.quantize = VectorQuantizer(n_embed, embed_dim, **(quantizer or {}))
+        self.quantize = quantize_module if quantize_module is not None else VectorQuantizer(
+            n_embed, embed_dim, **(quantizer or {}))
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        #: one-hot values of label maps given to this model: {-1, 1} (stage=vqgan data.target=segmentation);
+        #: taming's segmentation VQ models were trained on {0, 1}
+        self.label_values = (-1.0, 1.0)
+        self.target = "image"  # what it encodes (its data.target): image | segmentation | depth
+        self.checkpoint_path: str | None = None
 
     @classmethod
     def from_config(cls, first_stage: DictConfig, codebook: DictConfig, in_channels: int = 3,
@@ -41,9 +49,10 @@ class VQModel(nn.Module):
             # 1 = taming's 32 groups everywhere (also what checkpoints without the key were trained with)
             "norm_min_group_channels": int(first_stage.get("norm_min_group_channels", 1) or 1),
         }
-        quantizer = {k: codebook[k] for k in ("beta", "ema", "decay", "l2_normalize", "restart_dead", "dead_after",
-                                             "usage_window", "init") if k in codebook}
-        return cls(ddconfig, codebook.n_embed, codebook.embed_dim, quantizer)
+        from vqtransformer.modules.scalar_quantize import build_quantizer
+
+        # codebook.kind: vq (our taming-compatible VectorQuantizer) | fsq | lfq (vector-quantize-pytorch)
+        return cls(ddconfig, codebook.n_embed, codebook.embed_dim, quantize_module=build_quantizer(codebook))
 
     def encode(self, x: torch.Tensor):
         h = self.quant_conv(self.encoder(x))
@@ -68,27 +77,3 @@ class VQModel(nn.Module):
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
-
-
-def split_taming_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """Split a taming ``VQModel`` state dict into (VQModel weights, discriminator weights).
-
-    ``loss.discriminator.*`` becomes the discriminator; ``loss.perceptual_loss.*`` (LPIPS,
-    which we build from the lpips package) is dropped; EMA buffers named
-    ``quantize.embedding.{cluster_size,embed_avg}`` map to ours.
-    """
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    model, disc = {}, {}
-    for k, v in state.items():
-        if k.startswith("loss.discriminator."):
-            disc[k[len("loss.discriminator."):]] = v
-        elif k.startswith("loss."):
-            continue
-        elif k in ("quantize.embedding.cluster_size", "quantize.embedding.embed_avg"):
-            model["quantize." + k.rsplit(".", 1)[1]] = v
-        else:
-            model[k] = v
-    if not any(k.startswith("encoder.") for k in model):
-        raise ValueError("not a taming VQModel checkpoint: no 'encoder.*' weights in its state_dict")
-    return model, disc

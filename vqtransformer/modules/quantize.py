@@ -57,6 +57,8 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 
 class VectorQuantizer(nn.Module):
+    kind = "vq"  # codebook.kind (FSQ / LFQ: vqtransformer.modules.scalar_quantize)
+
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, *, ema: bool = False, decay: float = 0.99,
                  eps: float = 1e-5, l2_normalize: bool = False, restart_dead: bool = False, dead_after: int = 100,
                  usage_window: int = 100, init: str = "uniform", chunk_size: int = 4096):
@@ -79,6 +81,33 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initted", torch.tensor(init != "data"))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_used", torch.zeros(n_embed, dtype=torch.long))
+
+    # -- loading: loaded codes are initialised codes ----------------------------
+    def complete_state(self, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """``state`` (in place) with what loading codes implies: loaded codes count as initialised, whatever
+        the file says (with ``codebook.init=data`` the first training step must not replace a loaded codebook;
+        taming's files have no ``initted`` flag, ours may carry ``False`` when saved before the first step);
+        bookkeeping a file lacks (taming's) starts fresh; EMA statistics it lacks start from the loaded codes,
+        as after the data init (cluster size 1). Loading (``load_state_dict``) applies it; loaders of foreign
+        files call it first so that their missing-weight checks see the completed state."""
+        weight = state.get(prefix + "embedding.weight")
+        if weight is None:
+            return state
+        state[prefix + "initted"] = torch.tensor(True)
+        state.setdefault(prefix + "step", self.step.detach().clone())
+        state.setdefault(prefix + "last_used", torch.full_like(self.last_used, int(self.step)))
+        if self.ema:
+            if prefix + "embed_avg" not in state:
+                state[prefix + "embed_avg"] = weight.detach().clone()
+                state[prefix + "cluster_size"] = torch.ones_like(self.cluster_size)
+            state.setdefault(prefix + "cluster_size", torch.ones_like(self.cluster_size))
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.complete_state(state_dict, prefix)  # (load_state_dict passes its own copy of the caller's dict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- codebook maintenance (no grad, before the lookup) --------------------
     def _broadcast_codebook(self) -> None:

@@ -1,10 +1,9 @@
-"""Stage registry: ``cfg.stage.name`` -> the Stage class that trains it."""
+"""Stage registry: ``cfg.stage.name`` -> the Stage class that trains it. Building a stage (with the frozen
+models it needs) is :func:`vqtransformer.loading.build_stage`'s job."""
 
 from __future__ import annotations
 
 import importlib
-
-from omegaconf import DictConfig
 
 from vqtransformer.stages.base import OptimizerSpec, Stage
 
@@ -23,10 +22,4 @@ def stage_class(name: str) -> type[Stage]:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_stage(cfg: DictConfig, for_inference: bool = False) -> Stage:
-    """The stage of ``cfg.stage.name``, built on the CPU. ``for_inference`` skips what only training
-    needs (e.g. pretrained perceptual-loss weights)."""
-    return stage_class(cfg.stage.name)(cfg, for_inference=for_inference)
-
-
-__all__ = ["Stage", "OptimizerSpec", "STAGES", "build_stage", "stage_class"]
+__all__ = ["Stage", "OptimizerSpec", "STAGES", "stage_class"]

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from vqtransformer.training.checkpoint import CheckpointError, load_module_state
 
 
 @dataclass
@@ -35,23 +37,56 @@ class OptimizerSpec:
         return [p for m in self.modules for p in m.parameters() if p.requires_grad]
 
 
+#: capabilities a stage may declare (``Stage.capabilities``); entry points ask these, never a stage's name
+CAPABILITIES = {
+    "reconstruct": "a first stage: reconstruction_model() encodes and decodes (evaluate.py: rFID, PSNR, ...)",
+    "sample": "a generator: sample(n, condition, **sampling_options) -> images (sample.py, FID/IS/KID)",
+    "nll": "nll(batch) -> per-token negative log-likelihood (evaluate.py: nll, bpd)",
+    "complete": "sample(..., complete=batch) keeps the first half of the batch's codes (sample.py half=true)",
+    "larger_grid": "sample(..., grid=[h, w]) larger than the trained grid (sliding window; sample.py grid=)",
+}
+
+
 class Stage(abc.ABC):
     """Base class of ``vqgan``, ``transformer``, ``vqdiffusion`` and ``vitgan``.
 
-    Subclasses build their models in ``__init__`` (from ``cfg``) on the CPU;
-    ``setup`` moves and wraps them. ``accelerator`` is set by ``setup``.
-    ``validate``, ``validation_images`` and ``sample`` run on rank 0 only: they must use
-    unwrapped modules (``self.unwrap(m)``) and no collective operations.
+    Subclasses build their models in ``__init__`` (from ``cfg``) on the CPU; frozen models they need
+    (a first stage, a condition's VQ model) are given to ``__init__`` by :mod:`vqtransformer.loading`,
+    as :meth:`frozen_models` declares. ``setup`` moves and wraps them; ``accelerator`` is set by ``setup``.
+    ``validate``, ``validation_images`` and ``sample`` run on rank 0 only: they must use unwrapped modules
+    (``self.unwrap(m)``) and no collective operations.
     """
 
     name: str = "stage"
     #: which batch key holds the images the stage reconstructs or generates
     image_key: str = "image"
+    #: what the entry points may ask of this stage (keys of ``CAPABILITIES``)
+    capabilities: frozenset[str] = frozenset()
+    #: keyword options of ``sample()`` that sample.py passes through when given (null: the run's defaults)
+    sampling_options: tuple[str, ...] = ()
+    #: config keys of hyperparameters that no tensor shape shows (e.g. ``transformer.n_head``), or that a shape
+    #: shows only as an unexplained mismatch: stored in checkpoints (``model.arch``) and compared on loading
+    architecture_keys: tuple[str, ...] = ()
+    #: the config node holding this stage's optimiser settings (learning rate, betas, ...; docs/architecture.md)
+    optimizer_key: str = "stage"
+    #: this stage's own gradient-clipping key (its default); ``trainer.grad_clip``, when set, overrides it
+    grad_clip_key: str | None = None
 
     def __init__(self, cfg: DictConfig, for_inference: bool = False):
         self.cfg = cfg
         self.for_inference = for_inference  # built by evaluate/sample: skip training-only pieces
         self.accelerator = None
+
+    @classmethod
+    def frozen_models(cls, cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
+        """Frozen models this stage needs, ``{__init__ keyword: (config key, node)}``; the node says where the
+        model is (``ckpt``, ``run_id``, ``taming_config``). :func:`vqtransformer.loading.build_stage` loads them."""
+        return {}
+
+    def load_pretrained(self) -> None:
+        """Initial weights named by the config (e.g. ``first_stage.pretrained``); ``__init__`` calls it when
+        training, :mod:`vqtransformer.loading` for inference from a foreign file. Default: none."""
+        return None
 
     # -- training ---------------------------------------------------------
     @abc.abstractmethod
@@ -62,9 +97,28 @@ class Stage(abc.ABC):
     def training_step(self, batch: dict, step: int, opt_idx: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss to backpropagate for optimizer ``opt_idx`` and scalar logs (already ``float``)."""
 
+    def after_step(self, step: int) -> None:
+        """Called by the loop after every optimizer of a step has stepped. Default: nothing."""
+        return None
+
+    def grad_clip(self) -> float | None:
+        """Max gradient norm: ``trainer.grad_clip`` when set, else this stage's own default (``grad_clip_key``)."""
+        clip = OmegaConf.select(self.cfg, "trainer.grad_clip", default=None)
+        if clip is None and self.grad_clip_key:
+            clip = OmegaConf.select(self.cfg, self.grad_clip_key, default=None)
+        return float(clip) if clip else None
+
     def train(self, mode: bool = True) -> None:
         for m in self.trainable_modules().values():
             m.train(mode)
+
+    def eval(self) -> Stage:
+        """Every module of the stage in eval mode (inference)."""
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.eval()
+        self.train(False)
+        return self
 
     @abc.abstractmethod
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -92,6 +146,15 @@ class Stage(abc.ABC):
     def num_classes(self) -> int:
         return 0
 
+    @property
+    def condition_needs_data(self) -> bool:
+        """Whether conditions are maps or images taken from data (``condition_from_batch``), not labels."""
+        return False
+
+    def condition_from_batch(self, batch: dict) -> Any:
+        """This model's condition for ``sample()``, taken from a dataset batch (None: unconditional)."""
+        return None
+
     def to(self, device) -> Stage:
         """Move every module of the stage (inference: evaluate.py, sample.py)."""
         for value in vars(self).values():
@@ -102,17 +165,47 @@ class Stage(abc.ABC):
     def sample(self, n: int, condition: Any = None, **kwargs) -> torch.Tensor:
         raise NotImplementedError(f"stage '{self.name}' is not a generator: it has no sample()")
 
+    def nll(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError(f"stage '{self.name}' has no likelihood (capability 'nll')")
+
+    def reconstruction_model(self) -> nn.Module:
+        """The (unwrapped) model with ``encode_to_indices`` / ``decode_indices`` (capability ``reconstruct``)."""
+        raise NotImplementedError(f"stage '{self.name}' is not a first stage (capability 'reconstruct')")
+
     # -- checkpoints ------------------------------------------------------
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module) if self.accelerator is not None else module
 
+    def architecture(self) -> dict[str, Any]:
+        """``{key: value}`` of :attr:`architecture_keys` in this stage's config."""
+        out = {}
+        for key in self.architecture_keys:
+            v = OmegaConf.select(self.cfg, key, default=None)
+            out[key] = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        return out
+
+    def check_architecture(self, saved: dict[str, Any] | None) -> None:
+        """Refuse weights trained with other hyperparameters than this stage's config (``ConfigError`` naming
+        the key and both values). Checkpoints without a record (older ones) are not checked."""
+        from vqtransformer.config import ConfigError
+
+        mine = self.architecture()
+        for key, value in (saved or {}).items():
+            if key in mine and mine[key] != value:
+                raise ConfigError(f"{key}={mine[key]} but the checkpoint's weights were trained with {key}={value} "
+                                  f"(a setting the weights alone do not show); set {key}={value} or drop the override")
+
     def state_dict(self) -> dict[str, Any]:
-        return {name: self.unwrap(m).state_dict() for name, m in self.trainable_modules().items()}
+        state: dict[str, Any] = {name: self.unwrap(m).state_dict() for name, m in self.trainable_modules().items()}
+        if self.architecture_keys:
+            state["arch"] = self.architecture()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from vqtransformer.training.checkpoint import load_module_state
-
+        """Weights of every trainable module (errors name the shapes that differ), then the architecture
+        record: a setting that no shape shows (``transformer.n_head``) is an error too."""
         for name, m in self.trainable_modules().items():
             if name not in state:
-                raise KeyError(f"checkpoint has no weights for '{name}' (it has: {sorted(state)})")
+                raise CheckpointError(f"checkpoint has no weights for '{name}' (it has: {sorted(state)})")
             load_module_state(self.unwrap(m), state[name], what=f"{self.name}.{name}")
+        self.check_architecture(state.get("arch"))

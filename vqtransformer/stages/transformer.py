@@ -1,7 +1,8 @@
 """``transformer`` stage: the GPT prior of "Taming Transformers" over the codes of a frozen VQGAN.
 
 Images are encoded to code indices s by the frozen first stage (``first_stage.ckpt`` or
-``first_stage.run_id``), conditions to tokens c (``conditioning.type``), and the GPT is trained
+``first_stage.run_id``, a vqgan run of ours or a taming VQGAN with ``first_stage.taming_config``; loaded by
+:mod:`vqtransformer.loading` and given to the stage), conditions to tokens c (``conditioning.type``), and the GPT is trained
 with the likelihood L = E[-log p(s | c)] = -sum_i log p(s_i | s_<i, c) (teacher forcing). With
 ``stage.pkeep`` < 1 a fraction 1 - pkeep of the *input* codes is replaced by random codes
 (targets stay clean), as in taming. Logged: ``loss/train``, ``val/nll`` (nats per token),
@@ -16,16 +17,60 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vqtransformer.config import ConfigError
 from vqtransformer.data.codes import CodeCache, cache_key, fingerprint
 from vqtransformer.grids import image_grid
-from vqtransformer.models.conditioning import ConditionError, Conditioning, build_conditioning, one_hot_map
+from vqtransformer.models.conditioning import (
+    ConditionError,
+    Conditioning,
+    build_conditioning,
+    needs_vq,
+    one_hot_map,
+)
 from vqtransformer.models.gpt import GPT, for_cpu_inference
 from vqtransformer.sampling.autoregressive import SamplingParams, make_generator, sample
 from vqtransformer.stages.base import OptimizerSpec, Stage
 from vqtransformer.stages.vqgan import colorize
+
+
+def first_stage_vocab(first_stage: nn.Module) -> int:
+    """The second stage's vocabulary: the number of codes of whichever quantizer the first stage has
+    (learned VQ: ``n_embed``; FSQ: prod(levels); LFQ: 2^bits)."""
+    return int(first_stage.quantize.n_embed)
+
+
+def record_first_stage(cfg: DictConfig, first_stage: nn.Module) -> dict[str, Any]:
+    """Write what a second stage models into its config, so that the run's params say it (the loop logs
+    the flattened config): ``first_stage.codebook.{kind,size,dim,embed_dim}``, ``first_stage.arch.*``
+    (f, ch, ch_mult, z_channels, ...), ``first_stage.checkpoint``; a null ``transformer.vocab_size``
+    becomes the first stage's K."""
+    from vqtransformer.modules.scalar_quantize import describe
+
+    dd = dict(getattr(first_stage, "ddconfig", {}) or {})
+    record = {
+        "codebook": describe(first_stage.quantize),
+        "arch": {"f": int(getattr(first_stage, "downsample_factor", 0) or 0),
+                 **{k: dd[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels",
+                                       "resolution") if k in dd}},
+        "checkpoint": str(getattr(first_stage, "checkpoint_path", None)
+                          or OmegaConf.select(cfg, "first_stage.ckpt", default=None) or ""),
+    }
+    levels = getattr(first_stage.quantize, "levels", None)
+    if levels:
+        record["codebook"]["levels"] = list(levels)
+    if OmegaConf.is_readonly(cfg):
+        return record
+    with open_dict(cfg):
+        if cfg.get("first_stage") is None:
+            cfg.first_stage = {}
+        cfg.first_stage.codebook = record["codebook"]
+        cfg.first_stage.arch = record["arch"]
+        cfg.first_stage.checkpoint = record["checkpoint"]
+        if "transformer" in cfg and cfg.transformer.get("vocab_size") is None:
+            cfg.transformer.vocab_size = first_stage_vocab(first_stage)
+    return record
 
 
 def lr_schedule(schedule: str, warmup_steps: int, max_steps: int):
@@ -46,6 +91,19 @@ def lr_schedule(schedule: str, warmup_steps: int, max_steps: int):
 
 class TransformerStage(Stage):
     name = "transformer"
+    capabilities = frozenset({"sample", "nll", "complete", "larger_grid"})
+    sampling_options = ("temperature", "top_k", "top_p", "cfg_scale", "grid")
+    architecture_keys = ("transformer.n_layer", "transformer.n_head", "transformer.n_embd", "transformer.block_size",
+                         "conditioning.type")
+    optimizer_key = "transformer"
+    grad_clip_key = "transformer.grad_clip"
+
+    @classmethod
+    def frozen_models(cls, cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
+        models = {"first_stage": ("first_stage", cfg.first_stage)}
+        if needs_vq(cfg.conditioning):
+            models["cond_stage"] = ("conditioning", cfg.conditioning)
+        return models
 
     @property
     def condition_type(self) -> str:
@@ -56,28 +114,35 @@ class TransformerStage(Stage):
         return int(self.cond.num_classes or 0) if self.cond.type == "class" else 0
 
     def __init__(self, cfg: DictConfig, for_inference: bool = False, first_stage: nn.Module | None = None,
-                 load_vq=None):
-        """``first_stage`` (a VQModel) and ``load_vq`` (the condition VQ loader) replace checkpoint loading (tests)."""
+                 cond_stage: nn.Module | None = None):
+        """``first_stage``: the frozen VQModel of the images; ``cond_stage``: the frozen VQ model of the condition
+        maps (``conditioning.type`` segmentation / depth, or lowres with its own). :func:`vqtransformer.loading.
+        build_stage` loads both from the config."""
         super().__init__(cfg, for_inference)
+        if OmegaConf.select(cfg, "transformer.taming_config", default=None):  # a taming GPT: its YAML is the architecture
+            from vqtransformer.models.taming import apply_taming_configs
+
+            apply_taming_configs(cfg)  # (the entry points applied it already, refusing contradicting overrides)
         tr = cfg.transformer
         if first_stage is None:
-            from vqtransformer.training.checkpoint import load_first_stage
-
-            first_stage = load_first_stage(cfg.first_stage)
+            raise ConfigError("stage=transformer needs its frozen first stage: set first_stage.ckpt=PATH (or "
+                              "first_stage.run_id=ID) and build the stage with vqtransformer.loading.build_stage")
         self.first_stage = first_stage.eval().requires_grad_(False)
         # a first stage trained with data.target=segmentation|depth makes this a prior over those maps
         self.image_key = getattr(first_stage, "target", "image")
-        V = int(first_stage.quantize.n_embed)
+        V = first_stage_vocab(first_stage)
         if tr.get("vocab_size") and int(tr.vocab_size) != V:
             raise ConfigError(f"transformer.vocab_size={tr.vocab_size} but the first stage "
                               f"({getattr(first_stage, 'checkpoint_path', 'first_stage')}) has {V} codes "
-                              f"(quantize.n_embed); set transformer.vocab_size={V} (or null)")
+                              f"(its {getattr(first_stage.quantize, 'kind', 'vq')} quantizer's n_embed); "
+                              f"set transformer.vocab_size={V} (or null)")
+        record_first_stage(cfg, first_stage)
         res, f = int(cfg.data.resolution), int(first_stage.downsample_factor)
         if res % f:
             raise ConfigError(f"data.resolution={res} is not a multiple of the first stage's downsampling factor {f}")
         self.image_size, self.grid = (res, res), (res // f, res // f)
         num_classes = OmegaConf.select(cfg, "data.num_classes", default=None)
-        self.cond: Conditioning = build_conditioning(cfg.conditioning, first_stage, res, num_classes, load_vq)
+        self.cond: Conditioning = build_conditioning(cfg.conditioning, first_stage, res, num_classes, cond_stage)
         self.cond_len = self.cond.length(self.image_size)
         need = self.cond_len + self.grid[0] * self.grid[1] - 1
         if need > tr.block_size:
@@ -91,23 +156,29 @@ class TransformerStage(Stage):
                                      int(OmegaConf.select(cfg, "trainer.max_steps", default=1) or 1))
         self.gpt = GPT.from_config(tr, V, self.cond.vocab_size)
         self.vocab_size = V
-        if tr.get("pretrained") and not for_inference:
-            self.load_taming(tr.pretrained, int(tr.get("sos_token", 0)))
         self._caches: dict[str, CodeCache | None] = {}
         self._val_data = None
+        if tr.get("pretrained") and not for_inference:
+            self.load_pretrained()
 
-    def load_taming(self, path: str, sos_token: int = 0) -> None:
-        """``transformer.pretrained``: a Net2NetTransformer checkpoint of taming-transformers (Lightning
-        ``.ckpt``), its shared vocabulary split into image codes and condition tokens."""
-        from vqtransformer.models.convert_taming import convert_transformer
+    def load_pretrained(self) -> None:
+        """``transformer.pretrained``: a Net2NetTransformer checkpoint of taming-transformers (Lightning ``.ckpt``)
+        with its project YAML (``transformer.taming_config``: n_head, the start token and the condition are in no
+        weight), its shared vocabulary split into image codes and condition tokens."""
+        from vqtransformer.models import taming
         from vqtransformer.training.checkpoint import load, load_module_state
 
-        ckpt = load(path)
-        state = ckpt.get("state_dict", ckpt)
+        tr = self.cfg.transformer
+        if not tr.get("taming_config"):
+            raise ConfigError(f"transformer.pretrained={tr.pretrained} needs its taming project YAML: set "
+                              "transformer.taming_config=PATH/to/*-project.yaml (n_head, the start token and the "
+                              "conditioning are in no weight)")
+        state = taming.state_dict_of(load(tr.pretrained))
         kind = self.cond.type
         cond_vocab = self.cond.num_classes if kind == "class" else (None if kind == "none" else self.cond.vocab_size)
-        converted = convert_transformer(state, self.vocab_size, kind, cond_vocab, sos_token)
-        load_module_state(self.gpt, converted, what=f"transformer.pretrained={path}")
+        converted = taming.convert_transformer(state, self.vocab_size, kind, cond_vocab, int(tr.get("sos_token", 0)))
+        load_module_state(self.gpt, converted, what=f"transformer.pretrained={tr.pretrained}",
+                          dropped={"transformer.blocks.*.attn.mask": taming.DROPPED["transformer.blocks.*.attn.mask"]})
 
     # -- helpers -----------------------------------------------------------------
     @property
@@ -158,7 +229,8 @@ class TransformerStage(Stage):
         """``batch[image_key]`` as the first stage takes it (label maps one-hot, as stage=vqgan trains them)."""
         x = x.to(self.device)
         if self.image_key == "segmentation":
-            return one_hot_map(x, self.first_stage.encoder.conv_in.in_channels)
+            w = self.first_stage.encoder.conv_in.weight
+            return one_hot_map(x, w.shape[1], self.first_stage.label_values).to(w.dtype)
         return x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -186,8 +258,7 @@ class TransformerStage(Stage):
                                 betas=tuple(tr.get("betas", (0.9, 0.95))))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         self.gpt, opt = accelerator.prepare(self.gpt, opt)
-        clip = tr.get("grad_clip") or OmegaConf.select(self.cfg, "trainer.grad_clip", default=None)
-        return [OptimizerSpec("transformer", opt, [self.gpt], sched, grad_clip=clip)]
+        return [OptimizerSpec("transformer", opt, [self.gpt], sched, grad_clip=self.grad_clip())]
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.gpt}
@@ -243,6 +314,13 @@ class TransformerStage(Stage):
         return grids
 
     # -- sampling ----------------------------------------------------------------
+    @property
+    def condition_needs_data(self) -> bool:
+        return self.cond.type in ("segmentation", "depth", "lowres")
+
+    def condition_from_batch(self, batch: dict) -> Any:
+        return self.cond.from_batch(batch)
+
     def _condition(self, n: int, condition: Any, image_size: tuple[int, int]) -> dict:
         """A batch-like dict of conditions for n samples."""
         if condition is None:
@@ -319,10 +397,14 @@ class TransformerStage(Stage):
         return self._packed[1]
 
     @torch.no_grad()
-    def sample(self, n: int, condition: Any = None, **kwargs) -> torch.Tensor:
+    def sample(self, n: int, condition: Any = None, complete: dict | None = None, **kwargs) -> torch.Tensor:
         """n images [n, 3, H, W] in [-1, 1] (see :meth:`sample_codes`). ``condition``: None (start token;
         class-balanced labels; validation maps), class labels (int, list, tensor) or a dict of maps
-        (``segmentation`` [n, H, W], ``depth`` [n, 1, H, W], ``coord``, ``lowres``)."""
+        (``segmentation`` [n, H, W], ``depth`` [n, 1, H, W], ``coord``, ``lowres``). ``complete``: a batch of
+        n items whose images' first half of codes (raster order) is kept (half-image completion)."""
+        if complete is not None:
+            z, _ = self.tokens(complete, "validation")
+            kwargs.update(z=z, start=z.shape[1] // 2)
         return self.decode(self.sample_codes(n, condition, **kwargs))
 
     # -- checkpoints ------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vqtransformer.grids import square_grid
 from vqtransformer.losses.diffaugment import DiffAugment
@@ -69,6 +69,10 @@ def adam_param_groups(module: nn.Module, lr: float, equalized: bool, lr_mul: flo
 
 class ViTGANStage(Stage):
     name = "vitgan"
+    capabilities = frozenset({"sample"})
+    architecture_keys = ("vitgan.latent_dim", "vitgan.mapping_depth", "vitgan.generator.n_head",
+                         "vitgan.generator.decoder", "vitgan.discriminator.n_head", "vitgan.discriminator.isn")
+    grad_clip_key = "stage.grad_clip"
 
     def __init__(self, cfg: DictConfig, for_inference: bool = False):
         super().__init__(cfg, for_inference)
@@ -94,7 +98,7 @@ class ViTGANStage(Stage):
         self.generator, self.discriminator, opt_g, opt_d = accelerator.prepare(
             self.generator, self.discriminator, opt_g, opt_d)
         self.ema.to(accelerator.device)
-        clip = s.get("grad_clip") or OmegaConf.select(self.cfg, "trainer.grad_clip", default=None)
+        clip = self.grad_clip()
         return [OptimizerSpec("generator", opt_g, [self.generator], grad_clip=clip),
                 OptimizerSpec("discriminator", opt_d, [self.discriminator], grad_clip=clip)]
 

@@ -24,6 +24,15 @@ from vqtransformer.stages.base import OptimizerSpec, Stage
 
 class VQDiffusionStage(Stage):
     name = "vqdiffusion"
+    capabilities = frozenset({"sample"})
+    sampling_options = ("steps", "truncation_rate", "cfg_scale", "sampler", "prior_weight")
+    architecture_keys = ("transformer.n_layer", "transformer.n_head", "transformer.n_embd", "conditioning.type",
+                         "diffusion.num_timesteps", "diffusion.mask_final", "diffusion.replace_final")
+    grad_clip_key = "stage.grad_clip"
+
+    @classmethod
+    def frozen_models(cls, cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
+        return {"first_stage": ("first_stage", cfg.first_stage)}
 
     @property
     def condition_type(self) -> str:
@@ -34,14 +43,17 @@ class VQDiffusionStage(Stage):
         return int(self.denoiser_module.num_classes)
 
     def __init__(self, cfg: DictConfig, for_inference: bool = False, first_stage: nn.Module | None = None):
-        """``first_stage`` (a ``VQModel``) overrides loading ``cfg.first_stage`` (tests)."""
+        """``first_stage``: the frozen ``VQModel`` (:func:`vqtransformer.loading.build_stage` loads it from
+        ``first_stage.ckpt`` / ``first_stage.run_id``)."""
         super().__init__(cfg, for_inference)
         if first_stage is None:
-            from vqtransformer.training.checkpoint import load_first_stage
-
-            first_stage = load_first_stage(cfg.first_stage)
+            raise ConfigError("stage=vqdiffusion needs its frozen first stage: set first_stage.ckpt=PATH (or "
+                              "first_stage.run_id=ID) and build the stage with vqtransformer.loading.build_stage")
         self.first_stage = first_stage.eval().requires_grad_(False)
-        K = int(first_stage.quantize.n_embed)
+        from vqtransformer.stages.transformer import first_stage_vocab, record_first_stage
+
+        K = first_stage_vocab(first_stage)  # whichever quantizer the first stage has (VQ, FSQ, LFQ)
+        record_first_stage(cfg, first_stage)
         res, f = int(cfg.data.resolution), int(first_stage.downsample_factor)
         if res % f:
             raise ConfigError(f"data.resolution={res} is not a multiple of the first stage's downsampling factor {f}")
@@ -69,7 +81,7 @@ class VQDiffusionStage(Stage):
         warmup = max(int(st.get("warmup_steps", 0)), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         self.denoiser, opt = accelerator.prepare(self.denoiser, opt)
-        return [OptimizerSpec("denoiser", opt, [self.denoiser], sched, grad_clip=st.get("grad_clip"))]
+        return [OptimizerSpec("denoiser", opt, [self.denoiser], sched, grad_clip=self.grad_clip())]
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         # "loss" has no parameters, only the L_t^2 history buffers of importance sampling (checkpointed)

@@ -12,6 +12,14 @@
 - The callback object itself travels with the pickled launcher into every submitit job, and
   ``on_job_start`` exports the ids again there, so a cluster that starts jobs with a clean
   environment (``--export=NONE``) still gets them.
+- It also composes every job's config (as the basic sweeper expands the sweep) and records which
+  config keys vary across the jobs, per swept axis: tag ``vqt.sweep_varying`` (JSON
+  ``{axis: [keys]}``), tag ``vqt.sweep_varying_keys`` and ``sweep.json``'s ``varying``. A preset sweep
+  such as ``codebook=k256,k1024`` thus says that it changes ``codebook.n_embed`` (and nothing else);
+  ``evaluate.py sweep_id=`` warns when the children differ in more than these keys.
+- ``on_job_start`` names the job's run after its swept overrides (``codebook=k1024`` -> ``k1024``,
+  ``transformer.n_layer=4`` -> ``n_layer=4``, several joined with ``, ``) and gives it a description
+  (``VQT_RUN_NAME`` / ``VQT_RUN_NOTE``, read by ``Tracker.start``).
 - ``on_multirun_end`` closes the parent FINISHED after the launcher has collected every job (the
   submitit launchers wait for all of them); a sweep that raises (a failed job) closes it FAILED.
 
@@ -37,6 +45,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.tracking.mlflow_tracker import (
     ENV_PARENT,
+    ENV_RUN_NAME,
+    ENV_RUN_NOTE,
     ENV_SWEEP,
     MAX_PARAM_LEN,
     get_client,
@@ -89,6 +99,96 @@ def sweep_axes(config: DictConfig) -> dict[str, str]:
     return axes
 
 
+def _axis_keys(config: DictConfig) -> list[str]:
+    """The key elements of the swept overrides (``codebook``, ``codebook.n_embed``), in sweep order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.get_key_element() for o in OverridesParser.create().parse_overrides(_sweep_lines(config))
+            if o.is_sweep_override()]
+
+
+def _sweep_lines(config: DictConfig) -> list[str]:
+    """``hydra.sweeper.params`` then the command line's overrides, as the basic sweeper combines them."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    task = list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
+    return [f"{k}={v}" for k, v in params.items()] + task
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """Every job's override list, expanded as Hydra's basic sweeper does (the cartesian product)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(_sweep_lines(config))
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside train.py's Hydra app
+        return compose(config_name=config_name, overrides=overrides)
+    from vqtransformer.tracking.mlflow_tracker import project_root
+
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def _flat(cfg: DictConfig) -> dict[str, str]:
+    from vqtransformer.tracking.mlflow_tracker import flatten
+
+    try:
+        d = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation that only resolves inside a job
+        d = OmegaConf.to_container(cfg, resolve=False)
+    return {k: str(v) for k, v in flatten(d).items() if not k.startswith("hydra.")}
+
+
+def varying_keys(config: DictConfig, config_name: str = "config", max_jobs: int = 256) -> dict[str, list[str]]:
+    """``{axis: [config keys it changes]}`` from the composed config of every job of the sweep.
+
+    A key belongs to an axis when two jobs that differ only in that axis differ in the key. Empty
+    when the sweep has no axis or more than ``max_jobs`` jobs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = _axis_keys(config)
+    jobs = job_overrides(config)
+    if not axes or len(jobs) > max_jobs:
+        return {}
+    parser = OverridesParser.create()
+    flats, choices = [], []
+    for overrides in jobs:
+        flats.append(_flat(_compose(config_name, overrides)))
+        by_key = {o.get_key_element(): o.get_value_element_as_str() for o in parser.parse_overrides(overrides)}
+        choices.append({a: by_key.get(a) for a in axes})
+    keys = sorted({k for f in flats for k in f})
+    out: dict[str, list[str]] = {}
+    for axis in axes:
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(choices):
+            groups.setdefault(tuple((a, c[a]) for a in axes if a != axis), []).append(i)
+        changed = {k for idx in groups.values() for k in keys if len({flats[i].get(k) for i in idx}) > 1}
+        out[axis] = sorted(changed)
+    return out
+
+
+def run_name_for(overrides: list[str], axes: list[str], groups: set[str]) -> str:
+    """``codebook=k1024`` -> ``k1024`` (a config group: its option), ``transformer.n_layer=4`` -> ``n_layer=4``;
+    several swept overrides joined with ``, ``. Only the swept overrides name a run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parts = []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.get_key_element()
+        if key not in axes:
+            continue
+        value = o.get_value_element_as_str()
+        bare = key.lstrip("+~")
+        parts.append(value if bare in groups or "/" in bare else f"{bare.rsplit('.', 1)[-1]}={value}")
+    return ", ".join(parts)
+
+
 class MLflowSweepCallback(Callback):
     """One MLflow parent run per Hydra multirun; the jobs' runs are its children."""
 
@@ -98,6 +198,8 @@ class MLflowSweepCallback(Callback):
         self.parent_run_id: str | None = None
         self.tracking_uri: str | None = None
         self.sweep_dir: str | None = None
+        self.axes: list[str] = []
+        self.varying: dict[str, list[str]] = {}
         self._closed = False
         self._saved_env: dict[str, str | None] = {}
 
@@ -110,6 +212,12 @@ class MLflowSweepCallback(Callback):
         self.sweep_dir = str(Path(str(config.hydra.sweep.dir)).absolute())
         self.sweep_id = new_sweep_id(config)
         self._export({ENV_SWEEP: self.sweep_id})
+        try:
+            self.axes = _axis_keys(config)
+            self.varying = varying_keys(config, str(kwargs.get("config_name") or "config"))
+        except Exception as e:  # noqa: BLE001 - the record is informative; the sweep must still run
+            log.warning("sweep %s: could not compose the jobs' configs to record the varying keys: %s",
+                        self.sweep_id, e)
         logger = config.get("logger")
         if logger is None or logger.get("name") == "none":
             log.info("sweep %s: logger=none, no MLflow parent run", self.sweep_id)
@@ -141,12 +249,43 @@ class MLflowSweepCallback(Callback):
             os.environ[ENV_SWEEP] = self.sweep_id
         if self.parent_run_id:
             os.environ[ENV_PARENT] = self.parent_run_id
+        try:
+            name, note = self.job_name_and_note(config)
+        except Exception as e:  # noqa: BLE001 - a name is cosmetic
+            log.warning("sweep %s: no run name for this job: %s", self.sweep_id, e)
+            name = note = None
+        for key, value in ((ENV_RUN_NAME, name), (ENV_RUN_NOTE, note)):
+            if value:
+                self._export({key: value})
+            else:
+                self._saved_env.setdefault(key, os.environ.get(key))
+                os.environ.pop(key, None)
         if global_rank() > 0:  # Hydra configured this task's file logging too: only rank 0 writes the log
             root = logging.getLogger()
             for handler in list(root.handlers):
                 if isinstance(handler, logging.FileHandler):
                     root.removeHandler(handler)
                     handler.close()
+
+    def job_name_and_note(self, config: DictConfig) -> tuple[str | None, str | None]:
+        """The job's run name (its swept overrides) and description (what it sets, the rest of the sweep)."""
+        overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=None) or [])
+        axes = self.axes or _axis_keys(config)
+        groups = set((OmegaConf.select(config, "hydra.runtime.choices", default=None) or {}).keys())
+        swept = [o for o in overrides if o.split("=", 1)[0] in axes]
+        name = run_name_for(overrides, axes, groups) or None
+        num = OmegaConf.select(config, "hydra.job.num", default=None)
+        sets = []
+        for axis in axes:
+            for key in self.varying.get(axis, []):
+                sets.append(f"`{key}={OmegaConf.select(config, key, default=None)}`")
+        lines = [f"Job {num} of sweep `{self.sweep_id}`" + (f" (parent run `{self.parent_run_id}`)" if self.parent_run_id
+                                                            else "") + ".",
+                 "", f"Swept: `{' '.join(swept) or '(nothing)'}`" + (f", which sets {', '.join(sets)}" if sets else "")
+                 + ".",
+                 "", f"Same in every job: `{' '.join(o for o in overrides if o not in swept) or '(no other overrides)'}`.",
+                 "", f"Compare the jobs: `python evaluate.py sweep_id={self.sweep_id}` (results on the parent run)."]
+        return name, "\n".join(lines)
 
     # -- helpers ----------------------------------------------------------------
     def _export(self, values: dict[str, str]) -> None:
@@ -168,7 +307,11 @@ class MLflowSweepCallback(Callback):
             "vqt.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:MAX_PARAM_LEN],
             "mlflow.note.content": (f"Hydra multirun `{self.sweep_id}` in `{self.sweep_dir}`; one child run per job.\n\n"
                                     f"Swept: `{' '.join(f'{k}={v}' for k, v in axes.items())}`.\n\n"
-                                    f"Compare: `python evaluate.py sweep_id={self.sweep_id}`"),
+                                    + "".join(f"- `{a}` changes {', '.join(f'`{k}`' for k in keys) or 'no key'}\n"
+                                              for a, keys in self.varying.items())
+                                    + f"\nCompare: `python evaluate.py sweep_id={self.sweep_id}`"),
+            "vqt.sweep_varying": json.dumps(self.varying, sort_keys=True),
+            "vqt.sweep_varying_keys": ",".join(sorted({k for keys in self.varying.values() for k in keys})) or "(none)",
         }
         # the parent must not become a child of an outer sweep this process happens to run in
         outer = os.environ.pop(ENV_PARENT, None), os.environ.pop(ENV_SWEEP, None)
@@ -185,11 +328,12 @@ class MLflowSweepCallback(Callback):
                         self.sweep_id, self.tracking_uri)
             return None
         tracker.log_params({f"sweep.{k}": v for k, v in axes.items()})
+        tracker.flush()  # logging may be queued (background sender): the parent's params must be there now
         return run_id
 
     def _write_info(self, experiment: str | None) -> None:
         info = {"sweep_id": self.sweep_id, "parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri,
-                "experiment_name": experiment, "sweep_dir": self.sweep_dir}
+                "experiment_name": experiment, "sweep_dir": self.sweep_dir, "varying": self.varying}
         try:
             Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.sweep_dir) / "sweep.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,168 @@
+"""Finite Scalar Quantization and Lookup-Free Quantization next to :class:`VectorQuantizer`.
+
+Both come from ``vector-quantize-pytorch`` (``vector_quantize_pytorch.FSQ`` / ``LFQ``); this module
+wraps them in the interface the rest of the project uses for a quantizer, so VQGAN, the transformer,
+VQ-Diffusion, the code cache and ``evaluate.py`` do not ask which one they have:
+
+* ``forward(z [B, D, H, W]) -> (z_q [B, D, H, W], loss, {"indices" [B, H, W], "perplexity", "counts" [K]})``
+  with straight-through gradients;
+* ``n_embed`` (K, the second stage's vocabulary), ``embed_dim`` (D, the channels it quantizes: the
+  same key as for VQ, so it stays constant across codebook presets), ``code_dim`` (the dimension of a
+  code: ``len(levels)`` for FSQ, ``log2 K`` for LFQ, ``embed_dim`` for VQ) and ``kind``;
+* ``usage()`` -> (fraction of codes used in the last ``usage_window`` training steps, dead codes by
+  ``dead_after``), counted exactly as :meth:`VectorQuantizer.usage` does;
+* ``get_codebook_entry(indices [B, h, w]) -> [B, D, h, w]`` (decoding the second stage's tokens).
+
+FSQ (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple"): no codebook; D -> d
+by a linear projection, each of the d channels bounded and rounded to ``levels[i]`` values, codes =
+prod(levels) (``[8, 5, 5, 5]`` = 1000); no auxiliary loss (``loss`` is 0).
+
+LFQ (Yu et al. 2023, MAGVIT-v2, "Language Model Beats Diffusion"): D -> log2 K binary latents
+(sign), code = the bit pattern; loss = ``entropy_weight`` * (per-sample entropy - ``diversity_gamma`` *
+batch entropy) + ``beta`` * commitment.
+
+Our ``VectorQuantizer`` stays the quantizer of ``codebook.kind=vq`` (taming-compatible checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from vqtransformer.modules.quantize import VectorQuantizer, perplexity
+
+KINDS = ("vq", "fsq", "lfq")
+
+
+class _CodeUsage(nn.Module):
+    """Step / last-used bookkeeping shared by FSQ and LFQ (the same buffers as ``VectorQuantizer``)."""
+
+    def _init_usage(self, n_embed: int, usage_window: int, dead_after: int) -> None:
+        self.usage_window, self.dead_after = int(usage_window), int(dead_after)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_used", torch.zeros(n_embed, dtype=torch.long))
+
+    @torch.no_grad()
+    def _count(self, indices: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(indices.flatten(), minlength=self.n_embed).float()
+        if self.training:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(counts)
+            self.step += 1
+            self.last_used[counts > 0] = self.step
+        return counts
+
+    @torch.no_grad()
+    def usage(self) -> tuple[float, int]:
+        age = self.step - self.last_used
+        used = (age < self.usage_window) & (self.last_used > 0)
+        return float(used.float().mean()), int((age > self.dead_after).sum())
+
+
+class FSQuantizer(_CodeUsage):
+    kind = "fsq"
+
+    def __init__(self, levels: list[int], embed_dim: int, *, usage_window: int = 100, dead_after: int = 100):
+        super().__init__()
+        from vector_quantize_pytorch import FSQ
+
+        self.levels = [int(v) for v in levels]
+        self.n_embed = int(math.prod(self.levels))
+        self.embed_dim, self.code_dim = int(embed_dim), len(self.levels)
+        # preserve_symmetry is the library's requirement for levels of 2
+        self.fsq = FSQ(levels=self.levels, dim=self.embed_dim, preserve_symmetry=any(v == 2 for v in self.levels))
+        self._init_usage(self.n_embed, usage_window, dead_after)
+
+    def forward(self, z: torch.Tensor):
+        if z.shape[1] != self.embed_dim:
+            raise ValueError(f"quantizer expects {self.embed_dim} channels (codebook.embed_dim), got {z.shape[1]}")
+        z_q, indices = self.fsq(z.float())
+        indices = indices.long()
+        counts = self._count(indices)
+        loss = z.new_zeros(())
+        return z_q.to(z.dtype), loss, {"indices": indices, "perplexity": perplexity(counts), "counts": counts}
+
+    def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+        if shape is not None:
+            indices = indices.view(*shape)
+        return self.fsq.indices_to_codes(indices.long()).contiguous()  # [B, D, h, w]
+
+
+class LFQuantizer(_CodeUsage):
+    kind = "lfq"
+
+    def __init__(self, n_embed: int, embed_dim: int, *, entropy_weight: float = 0.1, beta: float = 0.25,
+                 diversity_gamma: float = 1.0, usage_window: int = 100, dead_after: int = 100):
+        super().__init__()
+        from vector_quantize_pytorch import LFQ
+
+        bits = math.log2(n_embed)
+        if not bits.is_integer():
+            from vqtransformer.config import ConfigError
+
+            raise ConfigError(f"codebook.n_embed={n_embed}: LFQ needs a power of 2 (2^bits codes), e.g. "
+                              f"{2 ** math.ceil(bits)}")
+        self.n_embed, self.embed_dim, self.code_dim = int(n_embed), int(embed_dim), int(bits)
+        self.lfq = LFQ(dim=self.embed_dim, codebook_size=self.n_embed, entropy_loss_weight=float(entropy_weight),
+                       commitment_loss_weight=float(beta), diversity_gamma=float(diversity_gamma))
+        self._init_usage(self.n_embed, usage_window, dead_after)
+
+    def forward(self, z: torch.Tensor):
+        if z.shape[1] != self.embed_dim:
+            raise ValueError(f"quantizer expects {self.embed_dim} channels (codebook.embed_dim), got {z.shape[1]}")
+        z_q, indices, aux = self.lfq(z.float())
+        indices = indices.long()
+        counts = self._count(indices)
+        return z_q.to(z.dtype), aux.reshape(()), {"indices": indices, "perplexity": perplexity(counts), "counts": counts}
+
+    def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+        if shape is not None:
+            indices = indices.view(*shape)
+        return self.lfq.indices_to_codes(indices.long()).contiguous()
+
+
+def fsq_levels(codebook) -> list[int]:
+    levels = codebook.get("levels")
+    if not levels:
+        from vqtransformer.config import ConfigError
+
+        raise ConfigError("codebook.kind=fsq needs codebook.levels (e.g. [8,5,5,5] = 1000 codes); "
+                          "see conf/codebook/fsq_1k.yaml")
+    return [int(v) for v in levels]
+
+
+def build_quantizer(codebook) -> nn.Module:
+    """The quantizer of a ``codebook`` config: ``kind`` vq (default) | fsq | lfq."""
+    from vqtransformer.config import ConfigError
+
+    kind = str(codebook.get("kind", "vq") or "vq")
+    common = {k: codebook[k] for k in ("usage_window", "dead_after") if k in codebook}
+    n_embed, embed_dim = int(codebook.n_embed), int(codebook.embed_dim)
+    if kind == "vq":
+        quantizer = {k: codebook[k] for k in ("beta", "ema", "decay", "l2_normalize", "restart_dead", "dead_after",
+                                             "usage_window", "init") if k in codebook}
+        return VectorQuantizer(n_embed, embed_dim, **quantizer)
+    if kind == "fsq":
+        levels = fsq_levels(codebook)
+        if math.prod(levels) != n_embed:
+            raise ConfigError(f"codebook.n_embed={n_embed} but codebook.levels={levels} give {math.prod(levels)} codes; "
+                              f"set codebook.n_embed={math.prod(levels)}")
+        if any(v < 2 for v in levels):
+            raise ConfigError(f"codebook.levels={levels}: every level must be >= 2")
+        return FSQuantizer(levels, embed_dim, **common)
+    if kind == "lfq":
+        return LFQuantizer(n_embed, embed_dim, entropy_weight=float(codebook.get("entropy_weight", 0.1)),
+                           beta=float(codebook.get("beta", 0.25)),
+                           diversity_gamma=float(codebook.get("diversity_gamma", 1.0)), **common)
+    raise ConfigError(f"codebook.kind='{kind}' must be one of {', '.join(KINDS)}")
+
+
+def describe(quantizer: nn.Module) -> dict:
+    """kind / size (K) / code dim / embed dim of a quantizer (what a second stage logs about its first stage)."""
+    kind = getattr(quantizer, "kind", "vq")
+    return {"kind": kind, "size": int(quantizer.n_embed), "dim": int(getattr(quantizer, "code_dim", quantizer.embed_dim)),
+            "embed_dim": int(quantizer.embed_dim)}
