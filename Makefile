@@ -10,7 +10,7 @@ UI_PORT ?= 5000
 SERVER_PORT ?= 5001
 ROOT := $(abspath .)
 
-.PHONY: evaluate shapes-vqgan shapes-seg-vq shapes-transformer shapes-report install train test test-all bench bench-quality bench-ablation ui mlflow-server slurm-up slurm-down lint clean
+.PHONY: evaluate shapes-vqgan shapes-seg-vq shapes-transformer shapes-text shapes-report install train test test-all bench bench-quality bench-ablation ui mlflow-server slurm-up slurm-down lint clean
 
 install: $(STAMP)
 
@@ -65,6 +65,17 @@ shapes-transformer: shapes-vqgan $(if $(filter segmentation,$(COND)),shapes-seg-
 ## (+ an MLflow run in experiment shapes-report). Plumbing check: make shapes-report ARGS="--steps-scale 0.05"
 shapes-report: install
 	$(PY) -m vqtransformer.bench.shapes_report $(ARGS)
+
+## Text-to-image on shapes: the tiny VQGAN once, a text-conditional VQ-Diffusion, samples of
+## scripts/shapes_prompts.txt (a row per prompt) and the judged scores (caption shape / colour accuracy).
+TEXT_STEPS ?= 6000
+SHAPES_TEXT := outputs/shapes/vqdiffusion-text
+shapes-text: shapes-vqgan
+	$(PY) train.py stage=vqdiffusion first_stage.ckpt=$(SHAPES_VQGAN)/checkpoints/last.ckpt conditioning=text \
+		trainer.max_steps=$(TEXT_STEPS) hydra.run.dir=$(SHAPES_TEXT) $(ARGS)
+	$(PY) sample.py ckpt=$(SHAPES_TEXT)/checkpoints/last.ckpt prompts_file=scripts/shapes_prompts.txt n=8 \
+		out_dir=$(SHAPES_TEXT)/samples
+	$(PY) evaluate.py ckpt=$(SHAPES_TEXT)/checkpoints/last.ckpt
 
 ## The test suite (fast + end-to-end; slurm tests run when a cluster is reachable).
 test: install

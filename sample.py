@@ -83,12 +83,18 @@ def run(cfg: DictConfig) -> Path:
     cond_type = stage.condition_type
     if cfg.class_label is not None and cond_type != "class":
         raise ConfigError(f"class_label={cfg.class_label}, but this model was trained with conditioning.type={cond_type}")
+    prompts = _prompts(cfg)
+    if prompts and cond_type != "text":
+        raise ConfigError(f"prompt= / prompts_file= are for text-conditional models; this one was trained with "
+                          f"conditioning.type={cond_type}")
     run_id = cfg.run_id or loaded.mlflow_run_id
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else _run_dir(path, run_id, cfg.tracking_uri) / "samples" / stamp
     params = {k: cfg[k] for k in stage.sampling_options if cfg.get(k) is not None}  # null: the run's defaults
     if params.get("grid") is not None:
         params["grid"] = tuple(params["grid"])
+    if prompts:  # n samples per prompt, a grid row per prompt with the prompt under it
+        return _sample_prompts(stage, prompts, cfg, params, out_dir, run_id)
     val = None
     if cfg.half or stage.condition_needs_data:
         from vqtransformer.data import build_dataset
@@ -130,6 +136,54 @@ def run(cfg: DictConfig) -> Path:
         for i, img in enumerate(x):
             save_image(img, out_dir / f"sample_{i:05d}.png")
     print(f"[vqtransformer] {cfg.n} samples in {out_dir}", flush=True)
+    if run_id:
+        log_samples_to_mlflow(run_id, out_dir, f"samples/{out_dir.name}", cfg.tracking_uri)
+    return out_dir
+
+
+def _prompts(cfg: DictConfig) -> list[str]:
+    from vqtransformer.config import ConfigError
+
+    if cfg.get("prompt") is not None and cfg.get("prompts_file") is not None:
+        raise ConfigError("give prompt= or prompts_file=, not both")
+    if cfg.get("prompt") is not None:
+        return [str(cfg.prompt)]
+    if cfg.get("prompts_file") is None:
+        return []
+    path = Path(cfg.prompts_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"prompts_file={path}: cannot read it as UTF-8 text ({e})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise ConfigError(f"prompts_file={path} has no prompts (one per line)")
+    return prompts
+
+
+def _sample_prompts(stage, prompts: list[str], cfg: DictConfig, params: dict, out_dir: Path, run_id: str | None) -> Path:
+    import torch
+    from torchvision.utils import save_image
+
+    from vqtransformer.grids import labelled_grid
+
+    rows, k = [], 0
+    for prompt in prompts:
+        row = []
+        for start in range(0, cfg.n, cfg.batch_size):
+            b = min(cfg.batch_size, cfg.n - start)
+            row.append(stage.sample(b, prompt, seed=int(cfg.seed) + k, **params).cpu())
+            k += 1
+        rows.append(torch.cat(row))
+        log.info("sampled %d of %r", cfg.n, prompt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_image(labelled_grid(rows, prompts), out_dir / "grid.png")
+    (out_dir / "prompts.txt").write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
+    if cfg.singles:
+        for p_i, row in enumerate(rows):
+            for i, img in enumerate(row.add(1).div(2).clamp(0, 1)):
+                save_image(img, out_dir / f"sample_p{p_i:03d}_{i:05d}.png")
+    print(f"[vqtransformer] {cfg.n} samples of each of {len(prompts)} prompts in {out_dir}", flush=True)
     if run_id:
         log_samples_to_mlflow(run_id, out_dir, f"samples/{out_dir.name}", cfg.tracking_uri)
     return out_dir

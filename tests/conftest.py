@@ -53,6 +53,20 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
+def untrained_vq_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised tiny VQGAN (``TINY``) saved as our checkpoint: a first stage for stage-2 tests."""
+    from omegaconf import OmegaConf
+
+    from vqtransformer.stages.vqgan import VQGANStage
+    from vqtransformer.training import checkpoint as ckpt_io
+
+    torch.manual_seed(seed)
+    cfg = compose(TINY)
+    return ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "stage": "vqgan", "step": 0,
+                                "model": VQGANStage(cfg).state_dict(),
+                                "config": OmegaConf.to_container(cfg, resolve=True)}, path)
+
+
 def run_train(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
               launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` in a subprocess, as a user runs it."""

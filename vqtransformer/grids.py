@@ -40,3 +40,23 @@ def square_grid(x: torch.Tensor, nrow: int | None = None, min_size: int = MIN_TI
         pad = torch.ones((nrow - rows[-1].shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         rows[-1] = torch.cat([rows[-1], pad])
     return image_grid(rows, min_size=min_size)
+
+
+def labelled_grid(rows: list[torch.Tensor], labels: list[str], min_size: int = MIN_TILE) -> torch.Tensor:
+    """:func:`image_grid` with ``labels[i]`` written under row i (e.g. the prompt of a row of samples)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if len(labels) != len(rows):
+        raise ValueError(f"{len(labels)} labels for {len(rows)} rows")
+    grid = image_grid(rows, min_size=min_size)
+    tile_h = (grid.shape[1] - 2) // len(rows)  # make_grid: padding 2 around and between tiles
+    strip = 14
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    out = Image.new("RGB", (arr.shape[1], arr.shape[0] + strip * len(rows)), "white")
+    draw = ImageDraw.Draw(out)
+    for i, text in enumerate(labels):
+        top = i * (tile_h + strip)
+        out.paste(Image.fromarray(arr[i * tile_h:(i + 1) * tile_h + 2]), (0, top))
+        draw.text((4, top + tile_h + 2), text, fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(out)).permute(2, 0, 1).float().div(255)

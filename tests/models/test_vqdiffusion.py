@@ -148,15 +148,9 @@ def test_train_py_end_to_end(tmp_path, mlflow_uri):
     """train.py stage=vqdiffusion on a (untrained) tiny VQGAN checkpoint: losses, validation, checkpoint."""
     from mlflow import MlflowClient
 
-    from tests.conftest import TINY, compose, run_train
-    from vqtransformer.stages.vqgan import VQGANStage
-    from vqtransformer.training import checkpoint as ckpt_io
+    from tests.conftest import run_train, untrained_vq_checkpoint
 
-    torch.manual_seed(0)
-    vq_cfg = compose(TINY)
-    vq = VQGANStage(vq_cfg)
-    vq_path = ckpt_io.atomic_save({"format": ckpt_io.FORMAT, "stage": "vqgan", "step": 0, "model": vq.state_dict(),
-                                   "config": OmegaConf.to_container(vq_cfg, resolve=True)}, tmp_path / "vq.ckpt")
+    vq_path = untrained_vq_checkpoint(tmp_path / "vq.ckpt")
     r = run_train(["stage=vqdiffusion", f"first_stage.ckpt={vq_path}", "conditioning=class", "data.resolution=16",
                    "data.batch_size=4", "data.val_size=8", "data.num_workers=0", "transformer.n_layer=1",
                    "transformer.n_head=2", "transformer.n_embd=32", "diffusion.num_timesteps=10",

@@ -158,7 +158,7 @@ def segmentation_agreement(sample_dir: Path, data_cfg: dict) -> dict[str, float]
         seg = torch.as_tensor(val[i % len(val)]["segmentation"]).long().flatten()
         counts = seg.bincount(minlength=judge.num_logits + 1)[1:]
         wanted.append(int(counts.argmax()))
-    hit = (predict(judge, images) == torch.tensor(wanted)).float()
+    hit = (predict(judge, images)[0] == torch.tensor(wanted)).float()
     return {"judge/map_class_agreement": float(hit.mean()), "n": len(files)}
 
 

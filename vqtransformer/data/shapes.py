@@ -8,7 +8,9 @@ occluding earlier ones. Every item also carries
 * ``class_label``: the shape class of the dominant object (most visible pixels),
 * ``segmentation``: per-pixel class ids (0 = background, 1 + shape class),
 * ``depth``: a depth-like map in [-1, 1] (background slopes away, each object a
-  slanted plane, nearer objects drawn later).
+  slanted plane, nearer objects drawn later),
+* ``caption``: a sentence derived from the scene after drawing (``vqtransformer.data.captions``:
+  "a large red circle above a small blue square on a striped background").
 
 Item ``i`` of split ``s`` is a pure function of ``(seed, s, i)``, so two processes
 (or ranks) see the same data without sharing memory.
@@ -16,9 +18,13 @@ Item ``i`` of split ``s`` is a pure function of ``(seed, s, i)``, so two process
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from vqtransformer.data.captions import SceneObject, caption
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 _SPLIT_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
@@ -54,6 +60,13 @@ OBJECT_SCALE = (0.14, 0.34)  # default object radius range, as fractions of the 
 def render_shapes(rng: np.random.Generator, resolution: int, max_objects: int = 4, background: str = "textured",
                   object_scale: tuple[float, float] = OBJECT_SCALE):
     """One sample: image uint8 [H,W,3], label int, segmentation uint8 [H,W], depth float32 [H,W]."""
+    return render_scene(rng, resolution, max_objects, background, object_scale)[:4]
+
+
+def render_scene(rng: np.random.Generator, resolution: int, max_objects: int = 4, background: str = "textured",
+                 object_scale: tuple[float, float] = OBJECT_SCALE):
+    """:func:`render_shapes` plus the scene's objects (:class:`SceneObject`, in drawing order); the
+    random draws are the same, so are the images."""
     H = W = resolution
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
     c0 = rng.uniform(0, 255, 3)
@@ -71,6 +84,7 @@ def render_shapes(rng: np.random.Generator, resolution: int, max_objects: int = 
     owner = np.full((H, W), -1, np.int64)
     n = int(rng.integers(1, max_objects + 1))
     kinds = rng.integers(0, len(SHAPE_CLASSES), size=n)
+    drawn = []
     for j, kind in enumerate(kinds):  # later objects are nearer and occlude earlier ones
         r = rng.uniform(*object_scale) * resolution
         cx, cy = rng.uniform(r * 0.6, W - r * 0.6), rng.uniform(r * 0.6, H - r * 0.6)
@@ -84,11 +98,13 @@ def render_shapes(rng: np.random.Generator, resolution: int, max_objects: int = 
         near = 0.5 - 0.4 * (j + 1) / (n + 1)
         depth[m] = near + 0.08 * ((yy[m] - cy) / r)
         owner[m] = j
+        drawn.append((SHAPE_CLASSES[kind], r / resolution, (cx / W, cy / H), tuple(float(c) for c in colour)))
     counts = np.bincount(owner[owner >= 0], minlength=n)
     label = int(kinds[int(np.argmax(counts))]) if counts.sum() else int(kinds[-1])
     img = np.clip(img, 0, 255).astype(np.uint8)
     depth = np.clip(depth, 0, 1).astype(np.float32)
-    return img, label, seg, depth
+    objects = [SceneObject(*d, visible=int(c)) for d, c in zip(drawn, counts)]
+    return img, label, seg, depth, objects
 
 
 class ShapesDataset(Dataset):
@@ -117,15 +133,31 @@ class ShapesDataset(Dataset):
         return self.size
 
     def render(self, index: int):
+        """image, label, segmentation, depth of item ``index`` (numpy)."""
+        return self.render_scene(index)[:4]
+
+    def render_scene(self, index: int):
         rng = np.random.default_rng([self.seed, _SPLIT_OFFSET[self.split] + index])
-        return render_shapes(rng, self.resolution, self.max_objects, self.background, self.object_scale)
+        return render_scene(rng, self.resolution, self.max_objects, self.background, self.object_scale)
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` (``vqtransformer.data.captions.caption``); flips mirror it."""
+        objects = self.render_scene(index)[4]
+        if self._flipped(index):
+            objects = [dataclasses.replace(o, centre=(1 - o.centre[0], o.centre[1])) for o in objects]
+        return caption(objects, self.background, self.object_scale)
+
+    def _flipped(self, index: int) -> bool:
+        return bool(self.flip and (index * 2654435761 + self.seed) % 2)  # deterministic per item
 
     def __getitem__(self, index: int) -> dict:
-        img, label, seg, depth = self.render(index)
+        img, label, seg, depth, objects = self.render_scene(index)
         image = torch.from_numpy(img).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         segmentation = torch.from_numpy(seg).long()
         depth_t = torch.from_numpy(depth)[None].mul(2).sub(1)
-        if self.flip and (index * 2654435761 + self.seed) % 2:  # deterministic per item
+        if self._flipped(index):
             image, segmentation, depth_t = image.flip(-1), segmentation.flip(-1), depth_t.flip(-1)
+            objects = [dataclasses.replace(o, centre=(1 - o.centre[0], o.centre[1])) for o in objects]
         return {"image": image, "class_label": torch.tensor(label), "segmentation": segmentation,
-                "depth": depth_t, "index": torch.tensor(index)}
+                "depth": depth_t, "caption": caption(objects, self.background, self.object_scale),
+                "index": torch.tensor(index)}

@@ -181,10 +181,11 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
     else:
         if {"fid", "is", "kid"} & set(metrics):
             n_cls = _num_classes(cfg, stage, dataset)
+            prompts = eval_prompts(dataset, n_samples) if stage.condition_type == "text" else None
             bs = int(ev.get("sample_batch_size") or ev.batch_size)
             fake, fake_logits = extract_features(
-                net, generative.generate_uint8(stage, n_samples, bs, int(ev.seed), n_cls), device, n_samples,
-                f"samples{' (class-balanced)' if n_cls else ''}")
+                net, generative.generate_uint8(stage, n_samples, bs, int(ev.seed), n_cls, prompts), device, n_samples,
+                f"samples{' (class-balanced)' if n_cls else ' (of the split captions)' if prompts else ''}")
             gen, gen_notes = generative.generator_metrics(real_feats, fake, fake_logits, metrics, int(ev.is_splits),
                                                           int(ev.kid_subsets), int(ev.kid_subset_size), int(ev.seed),
                                                           device)
@@ -194,6 +195,8 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
                 judged, plot = judge_classes(net, real_feats, fake, n_cls, n_samples, out_dir)
                 values.update(judged)
                 artifacts.append(str(plot))
+            if prompts is not None and hasattr(net, "classify_colour"):  # does each sample show its caption?
+                values.update(judge_captions(net, fake, prompts))
         if "nll" in metrics:
             val = dataset if split == "val" else build_dataset(data_cfg, False)
             values.update(generative.transformer_nll(stage, _loader(val, ev, data_cfg), device, resolution * resolution))
@@ -246,6 +249,34 @@ def judge_classes(net, real_feats: torch.Tensor, fake_feats: torch.Tensor, num_c
     from vqtransformer.evaluation.judge import plot_class_histogram
 
     return out, plot_class_histogram(p_real, p_fake, out_dir / "class_histogram.png")
+
+
+def eval_prompts(dataset, n: int) -> list[str]:
+    """The captions of the scoring split, in order and repeated up to ``n``: what a text-conditional
+    model is asked to draw."""
+    if len(dataset) == 0 or "caption" not in dataset[0]:
+        raise EvaluationError("a text-conditional model is scored on the captions of its data, but this split has none")
+    captions = [dataset[i]["caption"] for i in range(min(n, len(dataset)))]
+    return [captions[i % len(captions)] for i in range(n)]
+
+
+def judge_captions(net, fake_feats: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """The fraction of samples whose dominant object the judge gives the shape / the colour / both of
+    the object their caption names first (captions in the ``shapes`` grammar; others are not counted)."""
+    from vqtransformer.data.captions import COLOUR_NAMES, main_object
+    from vqtransformer.data.shapes import SHAPE_CLASSES
+
+    parsed = [main_object(p) for p in prompts]
+    keep = torch.tensor([m is not None and m[1] in SHAPE_CLASSES for m in parsed])
+    if not keep.any():
+        return {}
+    shape = torch.tensor([SHAPE_CLASSES.index(m[1]) if k else -1 for m, k in zip(parsed, keep.tolist())])
+    colour = torch.tensor([COLOUR_NAMES.index(m[0]) if k else -1 for m, k in zip(parsed, keep.tolist())])
+    s_hit = net.classify(fake_feats).cpu() == shape
+    c_hit = net.classify_colour(fake_feats).cpu() == colour
+    return {"caption_shape_accuracy": float(s_hit[keep].double().mean()),
+            "caption_colour_accuracy": float(c_hit[keep].double().mean()),
+            "caption_accuracy": float((s_hit & c_hit)[keep].double().mean())}
 
 
 def write_summary(summary: dict, out_dir: Path) -> Path:

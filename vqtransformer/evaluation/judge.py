@@ -4,7 +4,10 @@ of ``evaluate.py`` on ``data=shapes`` (``eval.feature_network=shapes_judge``).
 The procedural data knows the truth of every image (``class_label``: the shape of the dominant
 object), so a classifier trained on it is an independent judge of what a model draws: its
 penultimate activations give FID / KID / rFID (``judge/fid``, ...), its class logits the
-class accuracy of class-conditional samples and the class histogram of unconditional ones.
+class accuracy of class-conditional samples and the class histogram of unconditional ones, and a
+second head on the same features the colour bin of the dominant object
+(``vqtransformer.data.captions.colour_bin`` of its drawn colour: the colour word of its caption),
+for the caption accuracy of text-conditional samples.
 These numbers are specific to the dataset config, **not comparable to published (Inception)
 numbers**.
 
@@ -30,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vqtransformer.data.captions import COLOUR_NAMES, colour_bin
 from vqtransformer.data.shapes import BACKGROUNDS, OBJECT_SCALE, SHAPE_CLASSES, ShapesDataset
 from vqtransformer.evaluation.features import FeatureNetwork
 from vqtransformer.evaluation.protocol import EvaluationError
@@ -37,7 +41,7 @@ from vqtransformer.training.checkpoint import atomic_save, load
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: 48k training images (v1, 24k, reached 0.9532 at 2 threads but 0.9450 at 1)
+VERSION = 3  # 3: + the colour head; 2: 48k training images (v1, 24k, reached 0.9532 at 2 threads but 0.9450 at 1)
 SEED = 0
 TRAIN_SIZE = 48_000
 TEST_SIZE = 2_000
@@ -62,7 +66,8 @@ def judge_path(key: dict) -> Path:
 
 
 class ShapesJudge(FeatureNetwork):
-    """uint8 [B, 3, R, R] -> (features [B, 128], class logits [B, 6]). Conv-BN-ReLU x 6, strides 1-2-1-2-1-2."""
+    """uint8 [B, 3, R, R] -> (features [B, 128], class logits [B, 6]). Conv-BN-ReLU x 6, strides 1-2-1-2-1-2;
+    ``colour_head``: the dominant object's colour bin (8 logits) from the same features."""
 
     name = "judge"
     num_features = NUM_FEATURES
@@ -77,6 +82,7 @@ class ShapesJudge(FeatureNetwork):
             c_in = c
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(NUM_FEATURES, self.num_logits)
+        self.colour_head = nn.Linear(NUM_FEATURES, len(COLOUR_NAMES))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
@@ -93,38 +99,48 @@ class ShapesJudge(FeatureNetwork):
         """Class predictions from (cached) features: the logits are a linear map of them."""
         return self.head(features.to(self.head.weight)).argmax(-1)
 
+    def classify_colour(self, features: torch.Tensor) -> torch.Tensor:
+        """The dominant object's colour bin (an index into ``COLOUR_NAMES``) from (cached) features."""
+        return self.colour_head(features.to(self.colour_head.weight)).argmax(-1)
 
-def _render(split: str, key: dict, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 images [N, 3, R, R], labels [N], clear [N]): ``clear`` where the runner-up shape class
-    covers at most ``CLEAR_MARGIN`` of the dominant one's pixels."""
+
+def _render(split: str, key: dict, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(uint8 images [N, 3, R, R], labels [N], clear [N], colour bins [N]): ``clear`` where the runner-up
+    shape class covers at most ``CLEAR_MARGIN`` of the dominant one's pixels; the colour bin is the
+    dominant object's (the first colour word of the caption)."""
     ds = ShapesDataset(split, key["resolution"], size, key["data_seed"], key["max_objects"],
                        background=key["background"], object_scale=tuple(key["object_scale"]))
-    images, labels, clear = [], [], []
+    images, labels, clear, colours = [], [], [], []
     for i in range(size):
-        img, label, seg, _ = ds.render(i)
+        img, label, seg, _, objects = ds.render_scene(i)
         images.append(torch.from_numpy(img))
         labels.append(label)
+        colours.append(colour_bin(max(objects, key=lambda o: o.visible).colour))
         counts = torch.from_numpy(seg).long().flatten().bincount(minlength=len(SHAPE_CLASSES) + 1)[1:].sort().values
         clear.append(bool(counts[-2] <= CLEAR_MARGIN * counts[-1]))
-    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), torch.tensor(clear)
+    return (torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), torch.tensor(clear),
+            torch.tensor(colours))
 
 
 @torch.no_grad()
-def predict(judge: ShapesJudge, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+def predict(judge: ShapesJudge, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shape classes, colour bins) the judge gives ``images``."""
     judge.eval()
-    return torch.cat([judge(images[i:i + batch])[1].argmax(-1) for i in range(0, len(images), batch)])
+    feats = torch.cat([judge.embed(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return judge.classify(feats), judge.classify_colour(feats)
 
 
 def train_judge(key: dict, progress: bool = True) -> tuple[ShapesJudge, dict[str, float]]:
     """Train a judge for ``key`` from scratch; returns it (eval mode) and its held-out accuracies:
     ``accuracy`` (images with a clear dominant shape, the one that must reach ``MIN_ACCURACY``),
-    ``accuracy_all`` (every image, ambiguous scenes included) and ``clear_fraction``."""
+    ``accuracy_all`` (every image, ambiguous scenes included), ``clear_fraction`` and
+    ``colour_accuracy`` (the dominant object's colour bin, every image)."""
     from tqdm.auto import tqdm
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(key["seed"])
-        x, y, _ = _render("train", key, TRAIN_SIZE)
-        xt, yt, clear = _render("test", key, TEST_SIZE)
+        x, y, _, col = _render("train", key, TRAIN_SIZE)
+        xt, yt, clear, colt = _render("test", key, TEST_SIZE)
         judge = ShapesJudge(key["resolution"])
         opt = torch.optim.AdamW(judge.parameters(), lr=3e-3, weight_decay=1e-4)
         bs = 64
@@ -140,16 +156,19 @@ def train_judge(key: dict, progress: bool = True) -> tuple[ShapesJudge, dict[str
                     xb = x[idx]
                     flip = torch.rand(bs, generator=g) < 0.5  # shapes keep their class under mirroring
                     xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-                    loss = F.cross_entropy(judge(xb)[1], y[idx], label_smoothing=0.0)
+                    f = judge.embed(xb)
+                    loss = F.cross_entropy(judge.head(f), y[idx]) + F.cross_entropy(judge.colour_head(f), col[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-        hit = (predict(judge, xt) == yt).float()
+        shape_pred, colour_pred = predict(judge, xt)
+        hit = (shape_pred == yt).float()
     acc = {"accuracy": float(hit[clear].mean()), "accuracy_all": float(hit.mean()),
-           "clear_fraction": float(clear.float().mean())}
+           "clear_fraction": float(clear.float().mean()),
+           "colour_accuracy": float((colour_pred == colt).float().mean())}
     return judge.requires_grad_(False), acc
 
 
@@ -171,8 +190,9 @@ def load_or_train_judge(data_cfg, retrain: bool = False) -> ShapesJudge:
         state = {"key": key, **scores, "model": judge.state_dict()}
         atomic_save(state, path)
     acc = float(state["accuracy"])
-    log.info("shapes judge: held-out accuracy %.4f on clear scenes (%.0f%% of %d test-split images), %.4f on all",
-             acc, 100 * float(state["clear_fraction"]), TEST_SIZE, float(state["accuracy_all"]))
+    log.info("shapes judge: held-out accuracy %.4f on clear scenes (%.0f%% of %d test-split images), %.4f on all; "
+             "colour of the dominant object %.4f", acc, 100 * float(state["clear_fraction"]), TEST_SIZE,
+             float(state["accuracy_all"]), float(state.get("colour_accuracy", float("nan"))))
     if acc < MIN_ACCURACY:
         raise EvaluationError(f"the shapes judge at {path} reaches only {acc:.3f} held-out accuracy (< {MIN_ACCURACY}); "
                               "its numbers would not be trustworthy")
@@ -180,6 +200,7 @@ def load_or_train_judge(data_cfg, retrain: bool = False) -> ShapesJudge:
     judge = ShapesJudge(key["resolution"], identity=f"shapes-judge-v{VERSION}-{digest}")
     judge.load_state_dict(state["model"])
     judge.accuracy, judge.accuracy_all, judge.path = acc, float(state["accuracy_all"]), path
+    judge.colour_accuracy = float(state.get("colour_accuracy", float("nan")))
     return judge.eval().requires_grad_(False)
 
 

@@ -31,7 +31,8 @@ RECONSTRUCTION_METRICS = ("rfid", "lpips", "psnr", "ssim", "ms_ssim", "l1", "cod
 GENERATOR_METRICS = ("fid", "is", "kid", "nll")
 #: metrics whose value depends on the feature network (keys carry its name unless it is ``inception``)
 FEATURE_METRICS = ("rfid", "rec_class_agreement", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "class_accuracy",
-                   "class_freq_min_ratio", "class_freq_max_ratio")
+                   "class_freq_min_ratio", "class_freq_max_ratio", "caption_shape_accuracy",
+                   "caption_colour_accuracy", "caption_accuracy")
 
 #: eval.num_samples=null means this many generated samples (fewer on the synthetic ``shapes`` data)
 DEFAULT_NUM_SAMPLES = 10_000

@@ -318,6 +318,9 @@ def build_conditioning(cfg: DictConfig, first_stage: nn.Module, resolution: int,
     """The encoder for ``cfg`` (the ``conditioning`` group) and images of ``resolution`` px. ``cond_vq``: the
     frozen VQ model of the condition when :func:`needs_vq` (loaded by :mod:`vqtransformer.loading`)."""
     kind = cfg.get("type", "none")
+    if kind == "text":
+        raise ConfigError("conditioning.type=text: captions condition stage=vqdiffusion; the autoregressive prior "
+                          "(stage=transformer) has no text conditioning yet")
     if kind not in CONDITIONING_TYPES:
         raise ConfigError(f"conditioning.type='{kind}' is unknown; choose one of {', '.join(CONDITIONING_TYPES)}")
 

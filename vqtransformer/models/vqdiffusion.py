@@ -5,6 +5,13 @@ K codes at every position. Positions get learned row + column embeddings; the ti
 (sinusoidal -> MLP) and, for class conditioning, a class embedding (one extra learned
 *null* class for classifier-free guidance) are summed into one condition vector that
 modulates every LayerNorm (the released code's ``AdaLayerNorm``).
+
+Text conditioning (``conditioning.type=text``, the paper's text-to-image model): every block
+cross-attends to the caption's token embeddings from the text encoder (sec. 3.3, Fig. 2:
+self-attention, cross-attention, MLP, each behind an AdaLN of the timestep); the null caption is
+the encoder's learned null embedding (Improved VQ-Diffusion's learnable null text). Deviation:
+the text encoder is the small ``learned`` one trained jointly (``vqtransformer.modules.text``),
+not the paper's frozen CLIP ViT-B/32.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.config import ConfigError
-from vqtransformer.modules.transformer import MLP, SelfAttention
+from vqtransformer.modules.text import LearnedTextEncoder, WordTokenizer
+from vqtransformer.modules.transformer import MLP, CrossAttention, SelfAttention
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -43,27 +51,41 @@ class AdaLayerNorm(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """Pre-norm block with adaptive LayerNorms: x + attn(ln1(x, c)); x + mlp(ln2(x, c))."""
+    """Pre-norm block with adaptive LayerNorms: x + attn(ln1(x, c)); [x + cross(ln_c(x, c), text)];
+    x + mlp(ln2(x, c))."""
 
-    def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0,
+                 n_ctx: int = 0):
         super().__init__()
         self.ln1 = AdaLayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, attn_pdrop, resid_pdrop, causal=False)
+        if n_ctx:
+            self.ln_c = AdaLayerNorm(n_embd)
+            self.cross = CrossAttention(n_embd, n_head, n_ctx, attn_pdrop, resid_pdrop)
         self.ln2 = AdaLayerNorm(n_embd)
         self.mlp = MLP(n_embd, resid_pdrop)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x, c))
+        if context is not None:
+            x = x + self.cross(self.ln_c(x, c), context, keep)
         return x + self.mlp(self.ln2(x, c))
 
 
 class VQDiffusionTransformer(nn.Module):
-    """p_theta(x_0 | x_t, y): states [B, h*w] (or [B, h, w]), t [B] in 1..T, y [B] or None -> log-probs [B, h*w, K]."""
+    """p_theta(x_0 | x_t, y): states [B, h*w] (or [B, h, w]), t [B] in 1..T, y -> log-probs [B, h*w, K].
+
+    y: class ids [B] (or None: the null class), or with ``text_encoder`` caption token ids [B, L]
+    (``text_encoder.tokenize``; a row of ``null_class`` ids is the null caption)."""
 
     def __init__(self, num_codes: int, grid: tuple[int, int], n_layer: int, n_head: int, n_embd: int,
                  num_classes: int = 0, embd_pdrop: float = 0.0, attn_pdrop: float = 0.0,
-                 resid_pdrop: float = 0.0):
+                 resid_pdrop: float = 0.0, text_encoder: LearnedTextEncoder | None = None):
         super().__init__()
+        if text_encoder is not None and num_classes:
+            raise ConfigError("the vqdiffusion denoiser takes a class or a caption, not both")
+        n_ctx = text_encoder.n_embd if text_encoder is not None else 0
         self.num_codes, self.grid, self.num_classes, self.n_embd = num_codes, tuple(grid), num_classes, n_embd
         self.tok_emb = nn.Embedding(num_codes + 1, n_embd)  # index K = [MASK]
         self.row_emb = nn.Parameter(torch.zeros(grid[0], 1, n_embd))
@@ -72,7 +94,7 @@ class VQDiffusionTransformer(nn.Module):
         # class ids 0..C-1 plus the learned null class C (unconditional / dropped label)
         self.class_emb = nn.Embedding(num_classes + 1, n_embd) if num_classes > 0 else None
         self.drop = nn.Dropout(embd_pdrop)
-        self.blocks = nn.ModuleList(AdaLNBlock(n_embd, n_head, attn_pdrop, resid_pdrop) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(AdaLNBlock(n_embd, n_head, attn_pdrop, resid_pdrop, n_ctx) for _ in range(n_layer))
         self.ln_f = AdaLayerNorm(n_embd)
         self.head = nn.Linear(n_embd, num_codes)
         self.apply(self._init_weights)
@@ -80,6 +102,7 @@ class VQDiffusionTransformer(nn.Module):
             if isinstance(m, AdaLayerNorm):
                 nn.init.zeros_(m.linear.weight)
                 nn.init.zeros_(m.linear.bias)
+        self.text_encoder = text_encoder  # after the init above: it initialises itself
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -90,16 +113,22 @@ class VQDiffusionTransformer(nn.Module):
 
     @property
     def null_class(self) -> int:
-        return self.num_classes
+        """The id that stands for "no condition": the null class, or for text the null caption's id."""
+        return self.text_encoder.null_id if self.text_encoder is not None else self.num_classes
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, num_codes: int, grid: tuple[int, int]) -> VQDiffusionTransformer:
-        """Depth/width from ``cfg.transformer``; classes from ``cfg.conditioning.type`` / ``cfg.data.num_classes``."""
+    def from_config(cls, cfg: DictConfig, num_codes: int, grid: tuple[int, int],
+                    captions=None) -> VQDiffusionTransformer:
+        """Depth/width from ``cfg.transformer``; classes from ``cfg.conditioning.type`` / ``cfg.data.num_classes``;
+        for ``conditioning.type=text`` the ``cfg.text_encoder`` (its vocabulary from ``captions``, the
+        training captions, or from a checkpoint's state when None)."""
         tr = cfg.transformer
         cond = OmegaConf.select(cfg, "conditioning.type", default="none")
-        if cond not in ("none", "class"):
-            raise ConfigError(f"conditioning.type='{cond}': the vqdiffusion stage supports 'none' and 'class'")
-        num_classes = 0
+        if cond not in ("none", "class", "text"):
+            raise ConfigError(f"conditioning.type='{cond}': the vqdiffusion stage supports 'none', 'class' and 'text'")
+        num_classes, text = 0, None
+        if cond == "text":
+            text = build_text_encoder(cfg, captions)
         if cond == "class":
             num_classes = int(OmegaConf.select(cfg, "conditioning.num_classes", default=None)
                               or OmegaConf.select(cfg, "data.num_classes", default=0) or 0)
@@ -107,7 +136,7 @@ class VQDiffusionTransformer(nn.Module):
                 raise ConfigError("conditioning.type='class' needs data.num_classes (or conditioning.num_classes) > 0")
         return cls(num_codes, grid, tr.n_layer, tr.n_head, tr.n_embd, num_classes,
                    embd_pdrop=tr.get("embd_pdrop", 0.0), attn_pdrop=tr.get("attn_pdrop", 0.0),
-                   resid_pdrop=tr.get("resid_pdrop", 0.0))
+                   resid_pdrop=tr.get("resid_pdrop", 0.0), text_encoder=text)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """SiLU(time_mlp(sinusoid(t)) + class_emb(y)) [B, n_embd]; y None -> the null class."""
@@ -124,9 +153,15 @@ class VQDiffusionTransformer(nn.Module):
         x_t = x_t.reshape(B, h * w)
         pos = (self.row_emb + self.col_emb).view(1, h * w, self.n_embd)
         x = self.drop(self.tok_emb(x_t) + pos)
+        context = keep = None
+        if self.text_encoder is not None:
+            if y is None:
+                y = self.text_encoder.tokenizer.null(B).to(x_t.device)
+            context, keep = self.text_encoder(y)
+            y = None
         c = self.condition(t, y)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, context, keep)
         logits = self.head(self.ln_f(x, c)).float()
         return F.log_softmax(logits, dim=-1)
 
@@ -134,4 +169,22 @@ class VQDiffusionTransformer(nn.Module):
         """Analytic FLOPs (2 per multiply-add) of one forward: matmuls of the blocks, attention, head."""
         N, C, L = self.grid[0] * self.grid[1], self.n_embd, len(self.blocks)
         per_layer = 2 * N * C * 4 * C + 2 * N * C * 8 * C + 2 * 2 * N * N * C + 2 * 2 * (2 * C * C)
+        if self.text_encoder is not None:  # cross-attention: q, proj on N; k, v on the caption's M tokens
+            M, D = self.text_encoder.tokenizer.context_length, self.text_encoder.n_embd
+            per_layer += 2 * N * C * 2 * C + 2 * M * D * 2 * C + 2 * 2 * N * M * C + 2 * 2 * (2 * C * C)
         return batch * (L * per_layer + 2 * N * C * self.num_codes + 2 * 2 * C * C + 2 * 2 * C * C)
+
+
+def build_text_encoder(cfg: DictConfig, captions=None) -> LearnedTextEncoder:
+    """The ``cfg.text_encoder`` of a text-conditional model; its vocabulary from ``captions`` (an
+    iterable of the training captions) or, when None, left empty for a checkpoint's state to fill."""
+    te = OmegaConf.select(cfg, "text_encoder", default=None)
+    if te is None:
+        raise ConfigError("conditioning.type=text needs a text encoder: add text_encoder=learned")
+    kind = te.get("kind", "learned")
+    if kind != "learned":
+        raise ConfigError(f"text_encoder.kind={kind!r}: the vqdiffusion stage supports text_encoder=learned")
+    n_embd = int(te.get("n_embd") or cfg.transformer.n_embd)
+    tok = (WordTokenizer.from_captions(captions, te.context_length, te.max_words) if captions is not None
+           else WordTokenizer([], te.context_length))
+    return LearnedTextEncoder(tok, te.max_words, te.n_layer, te.n_head, n_embd)

@@ -83,6 +83,32 @@ class SelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of x [B, N, C] to a context [B, M, C_ctx] (a caption's token embeddings);
+    ``keep`` [B, M] masks the context's padding."""
+
+    def __init__(self, n_embd: int, n_head: int, n_ctx: int | None = None, attn_pdrop: float = 0.0,
+                 resid_pdrop: float = 0.0):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        n_ctx = n_embd if n_ctx is None else n_ctx
+        self.query, self.key, self.value = nn.Linear(n_embd, n_embd), nn.Linear(n_ctx, n_embd), nn.Linear(n_ctx, n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.resid_drop = nn.Dropout(resid_pdrop)
+        self.attn_pdrop, self.n_head = attn_pdrop, n_head
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        M, h = context.shape[1], self.n_head
+        q = self.query(x).view(B, N, h, C // h).transpose(1, 2)
+        k = self.key(context).view(B, M, h, C // h).transpose(1, 2)
+        v = self.value(context).view(B, M, h, C // h).transpose(1, 2)
+        mask = None if keep is None else keep[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, C)))
+
+
 def MLP(n_embd: int, resid_pdrop: float = 0.0, mult: int = 4) -> nn.Sequential:
     """Position-wise feed-forward; indices 0 and 2 are the two Linear layers (taming layout)."""
     return nn.Sequential(

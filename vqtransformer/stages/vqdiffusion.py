@@ -2,7 +2,10 @@
 
 Images are encoded to code indices by the frozen first stage (``first_stage.ckpt``); the
 denoiser learns p(x_0 | x_t) under the mask-and-replace process of ``cfg.diffusion`` with
-the VLB + auxiliary loss; samples are decoded back to images.
+the VLB + auxiliary loss; samples are decoded back to images. Conditions: none, a class
+(``conditioning=class``) or a caption (``conditioning=text``: the batch's ``caption``, encoded by
+``text_encoder=learned``, whose vocabulary is built from the first ``text_encoder.vocab_captions``
+training captions and saved with the model).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.config import ConfigError
-from vqtransformer.grids import image_grid, square_grid
+from vqtransformer.grids import image_grid, labelled_grid, square_grid
 from vqtransformer.losses.diffusion import DiffusionLoss
 from vqtransformer.models.vqdiffusion import VQDiffusionTransformer
 from vqtransformer.modules.diffusion import MaskAndReplace
@@ -36,7 +39,14 @@ class VQDiffusionStage(Stage):
 
     @property
     def condition_type(self) -> str:
-        return "class" if self.class_conditional else "none"
+        return "text" if self.text_conditional else "class" if self.class_conditional else "none"
+
+    @property
+    def condition_needs_data(self) -> bool:
+        return self.text_conditional  # without prompts: the captions of the validation data
+
+    def condition_from_batch(self, batch: dict) -> Any:
+        return list(batch["caption"]) if self.text_conditional else None
 
     @property
     def num_classes(self) -> int:
@@ -60,10 +70,14 @@ class VQDiffusionStage(Stage):
         grid = (res // f, res // f)
         d, st = cfg.diffusion, cfg.stage
         self.diffusion = MaskAndReplace(K, d.num_timesteps, d.mask_final, d.replace_final)
-        self.denoiser = VQDiffusionTransformer.from_config(cfg, K, grid)
+        captions = None
+        if OmegaConf.select(cfg, "conditioning.type", default="none") == "text" and not for_inference:
+            captions = training_captions(cfg)
+        self.denoiser = VQDiffusionTransformer.from_config(cfg, K, grid, captions)
         self.loss = DiffusionLoss(d.num_timesteps, st.aux_weight, st.get("adaptive_aux", False),
                                   st.get("importance_sampling", True), st.get("importance_min_count", 10))
         self.class_conditional = self.denoiser.num_classes > 0
+        self.text_conditional = self.denoiser.text_encoder is not None
         self.p_uncond = float(OmegaConf.select(cfg, "conditioning.p_uncond", default=0.1))
 
     @property
@@ -93,12 +107,19 @@ class VQDiffusionStage(Stage):
         return self.first_stage.encode_to_indices(images.to(self.device)).flatten(1)
 
     def _labels(self, batch: dict, drop: bool) -> torch.Tensor | None:
-        if not self.class_conditional:
+        """Class ids [B] or caption ids [B, L]; ``drop``: the null class / caption with probability p_uncond."""
+        if self.text_conditional:
+            if batch.get("caption") is None:
+                raise ConfigError("conditioning.type=text needs captions: the batches of this data have no "
+                                  "'caption' (data=shapes has them)")
+            y = self.denoiser_module.text_encoder.tokenize(list(batch["caption"]))
+        elif self.class_conditional:
+            y = batch["class_label"].to(self.device).long()
+        else:
             return None
-        y = batch["class_label"].to(self.device).long()
-        if drop:  # classifier-free guidance: the learned null class with probability p_uncond
-            null = torch.rand(y.shape, device=y.device) < self.p_uncond
-            y = y.masked_fill(null, self.denoiser_module.null_class)
+        if drop:  # classifier-free guidance: the learned null class / caption with probability p_uncond
+            null = torch.rand(y.shape[0], device=y.device) < self.p_uncond
+            y = y.masked_fill(null.view(-1, *[1] * (y.dim() - 1)), self.denoiser_module.null_class)
         return y
 
     @property
@@ -121,6 +142,11 @@ class VQDiffusionStage(Stage):
         n = min(int(st.get("val_samples", 16)), batch[self.image_key].shape[0])
         seed = int(OmegaConf.select(self.cfg, "trainer.seed", default=0) or 0)
         kw = {"steps": st.sample_steps, "sampler": st.get("sampler", "standard"), "seed": seed}
+        if self.text_conditional:  # one row per caption of the validation batch, the caption under it
+            k = max(1, n // 4)
+            prompts = list(batch["caption"])[:4]
+            rows = [self.sample(k, p, **kw) for p in prompts]
+            return {"samples": labelled_grid(rows, prompts)}
         if self.class_conditional:  # one row per requested class
             k = max(1, n // 2)
             y = torch.arange(self.num_classes).repeat_interleave(k)
@@ -131,16 +157,27 @@ class VQDiffusionStage(Stage):
     def sample(self, n: int, condition: Any = None, steps: int = 25, truncation_rate: float | None = None,
                cfg_scale: float | None = None, sampler: str = "standard", seed: int = 0,
                generator: torch.Generator | None = None, prior_weight: float = 0.0) -> torch.Tensor:
-        """n images [n, 3, H, W] in [-1, 1]; ``condition``: class ids (int, list or tensor [n]) or None
-        (the null class for a class-conditional model). Defaults: ``stage.truncation_rate``, ``stage.cfg_scale``.
+        """n images [n, 3, H, W] in [-1, 1]; ``condition``: class ids (int, list or tensor [n]), for a
+        text-conditional model a prompt (str) or n prompts, or None (the null class / caption).
+        Defaults: ``stage.truncation_rate``, ``stage.cfg_scale``.
         ``prior_weight``: r of Improved VQ-Diffusion's purity prior (``sampler=purity``; 0 = off)."""
         st = self.cfg.stage
         truncation_rate = st.truncation_rate if truncation_rate is None else truncation_rate
         cfg_scale = st.cfg_scale if cfg_scale is None else cfg_scale
         y = None
-        if condition is not None:
+        if condition is not None and self.text_conditional:
+            prompts = [condition] * n if isinstance(condition, str) else list(condition)
+            if not all(isinstance(p, str) for p in prompts) or len(prompts) not in (1, n):
+                raise ConfigError(f"this vqdiffusion model is text-conditional: give a prompt or {n} prompts, "
+                                  f"not {condition!r:.100}")
+            y = self.denoiser_module.text_encoder.tokenize(prompts).expand(n, -1)
+        elif condition is not None:
             if not self.class_conditional:
                 raise ConfigError("this vqdiffusion model is unconditional (conditioning.type=none): pass condition=None")
+            if isinstance(condition, str) or (isinstance(condition, (list, tuple)) and
+                                              any(isinstance(c, str) for c in condition)):
+                raise ConfigError("this vqdiffusion model is class-conditional (conditioning.type=class): "
+                                  "give class ids, not prompts")
             y = torch.as_tensor(condition, device=self.device).long().reshape(-1).expand(n)
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(seed)
@@ -153,3 +190,18 @@ class VQDiffusionStage(Stage):
         finally:
             denoiser.train(was_training)
         return self.first_stage.decode_indices(idx).clamp(-1, 1)
+
+
+def training_captions(cfg: DictConfig) -> list[str]:
+    """The first ``text_encoder.vocab_captions`` captions of the training data (the learned
+    tokenizer's vocabulary is built from them)."""
+    from vqtransformer.data import build_dataset
+
+    ds = build_dataset(cfg.data, True)
+    n = min(len(ds), int(OmegaConf.select(cfg, "text_encoder.vocab_captions", default=2000)))
+    if hasattr(ds, "caption"):
+        return [ds.caption(i) for i in range(n)]
+    items = [ds[i] for i in range(n)]
+    if not items or "caption" not in items[0]:
+        raise ConfigError(f"conditioning.type=text needs captions, but data={cfg.data.get('name')} has none")
+    return [it["caption"] for it in items]

@@ -277,8 +277,9 @@ def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], what: s
     tolerates missing weights only, never unexpected ones. ``dropped``: what the caller's loader left out on
     purpose (``{"loss.perceptual_loss.*": "LPIPS, rebuilt from the lpips package"}``), named in the error."""
     own = module.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and torch.is_tensor(v) and torch.is_tensor(own[k])  # not a module's extra state
+                  and tuple(v.shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if mismatched or unexpected or (strict and missing):
