@@ -151,6 +151,32 @@ def test_text_conditional_vqdiffusion_trains_guides_and_refuses_class_labels(tex
         stage.sample(2, [0, 1], steps=3)
 
 
+def test_sampling_encodes_each_caption_batch_once_not_per_step(text_run):
+    from vqtransformer.loading import load_stage
+
+    stage = load_stage(text_run / "run").stage
+    enc = stage.denoiser_module.text_encoder
+    calls = []
+    hook = enc.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    try:
+        a = stage.sample(2, "a large red circle on a striped background", steps=5, cfg_scale=2.0, seed=3)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and calls[0][0] == 4  # one pass over [captions, null captions], 5 steps
+    assert a.shape == (2, 3, 16, 16)
+    net = stage.denoiser_module.eval()  # the reused encoding is the encoding: same output as a fresh one
+    ids = enc.tokenize(["a small blue ring on a striped background"] * 2)
+    x_t, t = torch.randint(0, net.num_codes + 1, (2, 16)), torch.tensor([2, 9])
+    with torch.no_grad():
+        first, again = net(x_t, t, ids), net(x_t, t, ids.clone())
+        other = net(x_t, t, enc.tokenize(["a large red circle on a striped background"] * 2))
+    with torch.enable_grad():  # (not cached)
+        fresh = net(x_t, t, ids).detach()
+    torch.testing.assert_close(first, fresh)
+    torch.testing.assert_close(again, fresh)
+    assert not torch.allclose(other, fresh)  # another caption is encoded again, not served from the cache
+
+
 def test_the_null_caption_replaces_captions_with_probability_p_uncond(text_run):
     from vqtransformer.loading import load_stage
 

