@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.config import ConfigError
 from vqtransformer.errors import UserError
+from vqtransformer.modules.text import LearnedTextEncoder, WordTokenizer
 
 CONDITIONING_TYPES = ("none", "class", "segmentation", "depth", "coord", "lowres")
 CONDITION_KEYS = ("class_label", "segmentation", "depth", "coord", "lowres")
@@ -349,3 +350,34 @@ def build_conditioning(cfg: DictConfig, first_stage: nn.Module, resolution: int,
         return CoordTokens(int(cfg.get("n_embed", 1024)), downsample_factor(first_stage))
     vq = vq_from_cfg() if needs_vq(cfg) else first_stage
     return LowResTokens(vq, int(cfg.get("size") or resolution // int(cfg.get("factor", 4))))
+
+
+# -- text (conditioning.type=text): one text encoder for both second stages --------------------------
+def build_text_encoder(cfg: DictConfig, captions=None) -> LearnedTextEncoder:
+    """The ``cfg.text_encoder`` of a text-conditional model; its vocabulary from ``captions`` (an
+    iterable of the training captions) or, when None, left empty for a checkpoint's state to fill."""
+    te = OmegaConf.select(cfg, "text_encoder", default=None)
+    if te is None:
+        raise ConfigError("conditioning.type=text needs a text encoder: add text_encoder=learned")
+    kind = te.get("kind", "learned")
+    if kind != "learned":
+        raise ConfigError(f"text_encoder.kind={kind!r}: the vqdiffusion stage supports text_encoder=learned")
+    n_embd = int(te.get("n_embd") or cfg.transformer.n_embd)
+    tok = (WordTokenizer.from_captions(captions, te.context_length, te.max_words) if captions is not None
+           else WordTokenizer([], te.context_length))
+    return LearnedTextEncoder(tok, te.max_words, te.n_layer, te.n_head, n_embd)
+
+
+def training_captions(cfg: DictConfig) -> list[str]:
+    """The first ``text_encoder.vocab_captions`` captions of the training data (the learned
+    tokenizer's vocabulary is built from them)."""
+    from vqtransformer.data import build_dataset
+
+    ds = build_dataset(cfg.data, True)
+    n = min(len(ds), int(OmegaConf.select(cfg, "text_encoder.vocab_captions", default=2000)))
+    if hasattr(ds, "caption"):
+        return [ds.caption(i) for i in range(n)]
+    items = [ds[i] for i in range(n)]
+    if not items or "caption" not in items[0]:
+        raise ConfigError(f"conditioning.type=text needs captions, but data={cfg.data.get('name')} has none")
+    return [it["caption"] for it in items]

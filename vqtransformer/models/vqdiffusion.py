@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.config import ConfigError
-from vqtransformer.modules.text import LearnedTextEncoder, WordTokenizer
+from vqtransformer.models.conditioning import build_text_encoder
+from vqtransformer.modules.text import LearnedTextEncoder
 from vqtransformer.modules.transformer import MLP, CrossAttention, SelfAttention
 
 
@@ -186,18 +187,3 @@ class VQDiffusionTransformer(nn.Module):
             M, D = self.text_encoder.tokenizer.context_length, self.text_encoder.n_embd
             per_layer += 2 * N * C * 2 * C + 2 * M * D * 2 * C + 2 * 2 * N * M * C + 2 * 2 * (2 * C * C)
         return batch * (L * per_layer + 2 * N * C * self.num_codes + 2 * 2 * C * C + 2 * 2 * C * C)
-
-
-def build_text_encoder(cfg: DictConfig, captions=None) -> LearnedTextEncoder:
-    """The ``cfg.text_encoder`` of a text-conditional model; its vocabulary from ``captions`` (an
-    iterable of the training captions) or, when None, left empty for a checkpoint's state to fill."""
-    te = OmegaConf.select(cfg, "text_encoder", default=None)
-    if te is None:
-        raise ConfigError("conditioning.type=text needs a text encoder: add text_encoder=learned")
-    kind = te.get("kind", "learned")
-    if kind != "learned":
-        raise ConfigError(f"text_encoder.kind={kind!r}: the vqdiffusion stage supports text_encoder=learned")
-    n_embd = int(te.get("n_embd") or cfg.transformer.n_embd)
-    tok = (WordTokenizer.from_captions(captions, te.context_length, te.max_words) if captions is not None
-           else WordTokenizer([], te.context_length))
-    return LearnedTextEncoder(tok, te.max_words, te.n_layer, te.n_head, n_embd)

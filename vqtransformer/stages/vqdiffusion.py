@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from vqtransformer.config import ConfigError
 from vqtransformer.grids import image_grid, labelled_grid, square_grid
 from vqtransformer.losses.diffusion import DiffusionLoss
+from vqtransformer.models.conditioning import training_captions
 from vqtransformer.models.vqdiffusion import VQDiffusionTransformer
 from vqtransformer.modules.diffusion import MaskAndReplace
 from vqtransformer.sampling.diffusion import sample_tokens
@@ -190,18 +191,3 @@ class VQDiffusionStage(Stage):
         finally:
             denoiser.train(was_training)
         return self.first_stage.decode_indices(idx).clamp(-1, 1)
-
-
-def training_captions(cfg: DictConfig) -> list[str]:
-    """The first ``text_encoder.vocab_captions`` captions of the training data (the learned
-    tokenizer's vocabulary is built from them)."""
-    from vqtransformer.data import build_dataset
-
-    ds = build_dataset(cfg.data, True)
-    n = min(len(ds), int(OmegaConf.select(cfg, "text_encoder.vocab_captions", default=2000)))
-    if hasattr(ds, "caption"):
-        return [ds.caption(i) for i in range(n)]
-    items = [ds[i] for i in range(n)]
-    if not items or "caption" not in items[0]:
-        raise ConfigError(f"conditioning.type=text needs captions, but data={cfg.data.get('name')} has none")
-    return [it["caption"] for it in items]
