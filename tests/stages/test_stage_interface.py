@@ -72,7 +72,7 @@ def test_capabilities_and_sampling_options_are_declared():
 
     caps = {name: stage_class(name).capabilities for name in STAGES}
     assert caps == {"vqgan": {"reconstruct"}, "transformer": {"sample", "nll", "complete", "larger_grid"},
-                    "vqdiffusion": {"sample"}, "vitgan": {"sample"}}
+                    "vqdiffusion": {"sample", "inpaint"}, "vitgan": {"sample"}}
     assert "steps" in stage_class("vqdiffusion").sampling_options and "grid" in stage_class("transformer").sampling_options
 
 

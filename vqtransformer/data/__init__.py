@@ -1,6 +1,7 @@
 """Datasets from ``cfg.data``: ``shapes`` (embedded default), ``folder``, ``filelist``, ``cifar10``,
-``faceshq`` / ``ffhq`` / ``celebahq``. Every dataset yields dicts with ``image`` in [-1, 1]
-(plus ``class_label`` / ``segmentation`` / ``depth`` where it has them)."""
+``faceshq`` / ``ffhq`` / ``celebahq``, ``paired_folder``, ``captions`` (captioned images:
+``vqtransformer.data.captioned``). Every dataset yields dicts with ``image`` in [-1, 1]
+(plus ``class_label`` / ``segmentation`` / ``depth`` / ``caption`` where it has them)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,12 @@ def build_dataset(cfg: DictConfig, train: bool) -> Dataset:
         from vqtransformer.data.paired_folder import PairedFolder  # written with the transformer stage
 
         return _ruled(PairedFolder.from_config(cfg, train), f"last val_fraction={cfg.get('val_fraction', 0.05)} by file name")
-    raise DataError(f"data.name='{name}' is unknown; choose shapes, folder, filelist, cifar10, faceshq, ffhq, celebahq")
+    if name == "captions":
+        from vqtransformer.data.captioned import captioned_dataset  # sets its split_rule (layout included)
+
+        return captioned_dataset(cfg, train, **_common(cfg))
+    raise DataError(f"data.name='{name}' is unknown; choose shapes, folder, filelist, cifar10, faceshq, ffhq, celebahq, "
+                    "paired_folder, captions")
 
 
 def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:

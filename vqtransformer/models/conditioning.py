@@ -12,7 +12,11 @@ a sequence of discrete tokens prepended to the image codes, p(s | c) = prod_i p(
   area-downsampled to the code grid and quantised into ``conditioning.n_embed`` levels, so a
   model trained on crops knows where each crop lies and can be sampled larger (sliding window);
 * ``lowres``: the image area-downsampled by ``conditioning.factor`` (or to ``conditioning.size``
-  px) and encoded by the first stage (or by its own VQ model, ``conditioning.ckpt``).
+  px) and encoded by the first stage (or by its own VQ model, ``conditioning.ckpt``);
+* ``text``: the batch's ``caption``. Not prefix tokens: the prefix is one start token (as ``none``)
+  and the GPT cross-attends to the caption's token embeddings from ``text_encoder`` (built by
+  :func:`build_text_encoder`, shared with stage=vqdiffusion, and trained with the GPT); with
+  ``conditioning.p_uncond`` > 0 captions are replaced by the null caption during training.
 
 Encoders return *local* ids in ``[0, vocab_size)``: [B, L] or, for spatial maps, [B, h, w].
 The GPT shifts them into its condition vocabulary range.
@@ -29,8 +33,8 @@ from vqtransformer.config import ConfigError
 from vqtransformer.errors import UserError
 from vqtransformer.modules.text import LearnedTextEncoder, WordTokenizer
 
-CONDITIONING_TYPES = ("none", "class", "segmentation", "depth", "coord", "lowres")
-CONDITION_KEYS = ("class_label", "segmentation", "depth", "coord", "lowres")
+CONDITIONING_TYPES = ("none", "class", "segmentation", "depth", "coord", "lowres", "text")
+CONDITION_KEYS = ("class_label", "segmentation", "depth", "coord", "lowres", "caption")
 
 
 class ConditionError(UserError, ValueError):
@@ -76,13 +80,14 @@ class Conditioning(nn.Module):
     def batch_size(self, batch: dict) -> int:
         for k in ("image", "codes", "batch_size", *CONDITION_KEYS):
             if batch.get(k) is not None:
-                return int(batch[k]) if k == "batch_size" else batch[k].shape[0]
+                v = batch[k]
+                return int(v) if k == "batch_size" else v.shape[0] if torch.is_tensor(v) else len(v)
         raise ConditionError("cannot tell the batch size: the batch has no image, codes or condition")
 
     def check_condition(self, condition: dict) -> None:
         """Refuse user-given conditions of another type (e.g. a class label for a segmentation model)."""
         accepted = {"none": set(), "class": {"class_label"}, "segmentation": {"segmentation"}, "depth": {"depth"},
-                    "coord": {"coord"}, "lowres": {"lowres", "image"}}[self.type]
+                    "coord": {"coord"}, "lowres": {"lowres", "image"}, "text": {"caption"}}[self.type]
         foreign = sorted(k for k in CONDITION_KEYS if condition.get(k) is not None and k not in accepted)
         if foreign:
             need = f"needs {sorted(accepted)}" if accepted else "takes no condition"
@@ -167,6 +172,58 @@ class ClassTokens(Conditioning):
         if not self.supports_uncond:
             raise ConditionError("classifier-free guidance needs a model trained with conditioning.p_uncond > 0")
         return torch.full_like(c, self.num_classes)
+
+
+class TextCaptions(Conditioning):
+    """``text``: captions (the batch's ``caption``, a list of strings). The GPT takes them through
+    cross-attention to the text encoder's tokens (:mod:`vqtransformer.models.gpt`), so the prefix
+    is one start token, as ``none``; this module reads the captions and drops them to the null
+    caption with probability ``p_uncond`` (classifier-free guidance). The text encoder, trained
+    with the model, lives in the GPT (a Conditioning is frozen)."""
+
+    type, key = "text", "caption"
+
+    def __init__(self, p_uncond: float = 0.1):
+        super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ConfigError(f"conditioning.p_uncond={p_uncond} must be in [0, 1)")
+        self.p_uncond = p_uncond
+
+    @property
+    def supports_uncond(self) -> bool:
+        return self.p_uncond > 0
+
+    def captions(self, batch: dict) -> list[str]:
+        caps = batch.get("caption")
+        if caps is None:
+            raise ConditionError("conditioning.type=text needs captions: the batches of this data have no "
+                                 "'caption' (data=shapes has them)")
+        caps = [caps] if isinstance(caps, str) else list(caps)
+        if not all(isinstance(t, str) for t in caps):
+            raise ConditionError(f"captions must be strings, got {caps!r:.100}")
+        return caps
+
+    def encode(self, batch: dict, image_size: tuple[int, int]) -> torch.Tensor:
+        """The start token (captions enter through cross-attention, not the prefix)."""
+        return torch.zeros(self.batch_size(batch), 1, dtype=torch.long, device=_device(batch))
+
+    def drop_captions(self, ids: torch.Tensor, null: torch.Tensor, p: float | None = None) -> torch.Tensor:
+        """Caption ids [B, L] with each row replaced by the null caption ``null`` [B, L] with probability p
+        (default ``p_uncond``)."""
+        p = self.p_uncond if p is None else p
+        if p <= 0:
+            return ids
+        drop = torch.rand(ids.shape[0], device=ids.device) < p
+        return torch.where(drop[:, None], null.to(ids.device), ids)
+
+    def uncond(self, c: torch.Tensor) -> torch.Tensor:
+        """The prefix of the unconditional rows: the same start token (the null caption is their context)."""
+        if not self.supports_uncond:
+            raise ConditionError("classifier-free guidance needs a model trained with conditioning.p_uncond > 0")
+        return c
+
+    def from_batch(self, batch: dict) -> dict | None:
+        return {"caption": self.captions(batch)}
 
 
 def one_hot_map(seg: torch.Tensor, num_classes: int, values: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
@@ -319,9 +376,6 @@ def build_conditioning(cfg: DictConfig, first_stage: nn.Module, resolution: int,
     """The encoder for ``cfg`` (the ``conditioning`` group) and images of ``resolution`` px. ``cond_vq``: the
     frozen VQ model of the condition when :func:`needs_vq` (loaded by :mod:`vqtransformer.loading`)."""
     kind = cfg.get("type", "none")
-    if kind == "text":
-        raise ConfigError("conditioning.type=text: captions condition stage=vqdiffusion; the autoregressive prior "
-                          "(stage=transformer) has no text conditioning yet")
     if kind not in CONDITIONING_TYPES:
         raise ConfigError(f"conditioning.type='{kind}' is unknown; choose one of {', '.join(CONDITIONING_TYPES)}")
 
@@ -333,6 +387,8 @@ def build_conditioning(cfg: DictConfig, first_stage: nn.Module, resolution: int,
 
     if kind == "none":
         return StartToken()
+    if kind == "text":  # the text encoder itself: build_text_encoder (a trained part of the model)
+        return TextCaptions(float(cfg.get("p_uncond", 0.1)))
     if kind == "class":
         n = cfg.get("num_classes") or num_classes
         if not n:
@@ -353,15 +409,21 @@ def build_conditioning(cfg: DictConfig, first_stage: nn.Module, resolution: int,
 
 
 # -- text (conditioning.type=text): one text encoder for both second stages --------------------------
-def build_text_encoder(cfg: DictConfig, captions=None) -> LearnedTextEncoder:
-    """The ``cfg.text_encoder`` of a text-conditional model; its vocabulary from ``captions`` (an
-    iterable of the training captions) or, when None, left empty for a checkpoint's state to fill."""
+def build_text_encoder(cfg: DictConfig, captions=None) -> nn.Module:
+    """The ``cfg.text_encoder`` of a text-conditional model. ``learned``: its vocabulary from ``captions``
+    (an iterable of the training captions) or, when None, left empty for a checkpoint's state to fill;
+    ``clip``: a frozen CLIP text model from ``text_encoder.path`` / ``text_encoder.model_id`` (captions
+    unused; raises WeightsUnavailableError, before any training, when the model cannot be had)."""
     te = OmegaConf.select(cfg, "text_encoder", default=None)
     if te is None:
-        raise ConfigError("conditioning.type=text needs a text encoder: add text_encoder=learned")
+        raise ConfigError("conditioning.type=text needs a text encoder: add text_encoder=learned (or clip)")
     kind = te.get("kind", "learned")
+    if kind == "clip":
+        from vqtransformer.modules.clip_text import CLIPTextEncoder
+
+        return CLIPTextEncoder.from_config(te)
     if kind != "learned":
-        raise ConfigError(f"text_encoder.kind={kind!r}: the vqdiffusion stage supports text_encoder=learned")
+        raise ConfigError(f"text_encoder.kind={kind!r}: choose text_encoder=learned or text_encoder=clip")
     n_embd = int(te.get("n_embd") or cfg.transformer.n_embd)
     tok = (WordTokenizer.from_captions(captions, te.context_length, te.max_words) if captions is not None
            else WordTokenizer([], te.context_length))
@@ -369,12 +431,14 @@ def build_text_encoder(cfg: DictConfig, captions=None) -> LearnedTextEncoder:
 
 
 def training_captions(cfg: DictConfig) -> list[str]:
-    """The first ``text_encoder.vocab_captions`` captions of the training data (the learned
-    tokenizer's vocabulary is built from them)."""
+    """The captions of the first ``text_encoder.vocab_captions`` training images (the learned
+    tokenizer's vocabulary is built from them; a CLIP encoder ignores them, it brings its own)."""
     from vqtransformer.data import build_dataset
 
     ds = build_dataset(cfg.data, True)
     n = min(len(ds), int(OmegaConf.select(cfg, "text_encoder.vocab_captions", default=2000)))
+    if hasattr(ds, "all_captions"):  # several captions an image (data=captions): every one of them
+        return [c for i in range(n) for c in ds.all_captions(i)]
     if hasattr(ds, "caption"):
         return [ds.caption(i) for i in range(n)]
     items = [ds[i] for i in range(n)]

@@ -9,9 +9,10 @@ modulates every LayerNorm (the released code's ``AdaLayerNorm``).
 Text conditioning (``conditioning.type=text``, the paper's text-to-image model): every block
 cross-attends to the caption's token embeddings from the text encoder (sec. 3.3, Fig. 2:
 self-attention, cross-attention, MLP, each behind an AdaLN of the timestep); the null caption is
-the encoder's learned null embedding (Improved VQ-Diffusion's learnable null text). Deviation:
-the text encoder is the small ``learned`` one trained jointly (``vqtransformer.modules.text``),
-not the paper's frozen CLIP ViT-B/32.
+the encoder's learned null embedding (Improved VQ-Diffusion's learnable null text). The encoder is
+the paper's frozen CLIP text model (``text_encoder=clip``, ``vqtransformer.modules.clip_text``) or,
+the default on ``shapes`` (no download), a small one trained jointly (``text_encoder=learned``,
+``vqtransformer.modules.text``).
 """
 
 from __future__ import annotations

@@ -133,10 +133,11 @@ class LearnedTextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, keep)
         x = self.ln_f(x)
+        # the null caption: one learned token, nothing else to attend to (in the graph for every batch, so
+        # that DDP finds a gradient for null_emb also when no caption of a batch was dropped)
         null = ids[:, 0] == NULL
-        if null.any():  # the null caption: one learned token, nothing else to attend to
-            x = torch.where(null[:, None, None], F.pad(self.null_emb, (0, 0, 0, x.shape[1] - 1)).expand_as(x), x)
-            keep = torch.where(null[:, None], F.one_hot(torch.zeros_like(ids[:, 0]), ids.shape[1]).bool(), keep)
+        x = torch.where(null[:, None, None], F.pad(self.null_emb, (0, 0, 0, x.shape[1] - 1)).expand_as(x), x)
+        keep = torch.where(null[:, None], F.one_hot(torch.zeros_like(ids[:, 0]), ids.shape[1]).bool(), keep)
         return x, keep
 
     # the tokenizer is part of the state: a checkpoint restores its vocabulary

@@ -3,7 +3,9 @@
 Parameter names follow taming-transformers' ``mingpt`` (``attn.key/query/value/proj``,
 ``ln1``, ``ln2``, ``mlp.0``, ``mlp.2``) so released checkpoints map one to one.
 Attention runs through ``F.scaled_dot_product_attention``; autoregressive decoding
-uses a static, preallocated :class:`KVCache`.
+uses a static, preallocated :class:`KVCache`. A :class:`Block` built with ``n_ctx`` > 0 adds a
+cross-attention sublayer (``ln_c``, ``cross``) to a context such as a caption's token embeddings;
+without it (the default) its parameters are exactly taming's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ class KVCache:
 
     ``length`` is the number of valid positions; attention writes positions
     ``[length, length + T)`` and reads ``[0, length + T)``. Nothing is reallocated
-    while decoding.
+    while decoding. ``context``: for cross-attending models, the context's per-layer keys and
+    values and its key mask, ``([(k, v) per layer], keep)``, computed once when the cache is
+    made (they do not grow while decoding, and :meth:`reset` keeps them).
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
@@ -28,6 +32,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        self.context: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None] | None = None
 
     def reset(self) -> None:
         self.length = 0
@@ -98,12 +103,24 @@ class CrossAttention(nn.Module):
         self.resid_drop = nn.Dropout(resid_pdrop)
         self.attn_pdrop, self.n_head = attn_pdrop, n_head
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context's keys and values [B, n_head, M, head_dim] (computed once, reused by every query)."""
+        B, M, _ = context.shape
+        h = self.n_head
+        k, v = self.key(context), self.value(context)
+        return (k.view(B, M, h, -1).transpose(1, 2), v.view(B, M, h, -1).transpose(1, 2))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``kv``: precomputed :meth:`kv` of the context (decoding with a cache), instead of ``context``."""
         B, N, C = x.shape
-        M, h = context.shape[1], self.n_head
+        h = self.n_head
         q = self.query(x).view(B, N, h, C // h).transpose(1, 2)
-        k = self.key(context).view(B, M, h, C // h).transpose(1, 2)
-        v = self.value(context).view(B, M, h, C // h).transpose(1, 2)
+        if kv is None:
+            if context is None:
+                raise ValueError("cross-attention needs a context (or its precomputed keys and values)")
+            kv = self.kv(context)
+        k, v = kv
         mask = None if keep is None else keep[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, N, C)))
@@ -120,17 +137,32 @@ def MLP(n_embd: int, resid_pdrop: float = 0.0, mult: int = 4) -> nn.Sequential:
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)); x + mlp(ln2(x)).
+
+    With ``n_ctx`` > 0 (the width of a context, e.g. a text encoder's token embeddings) a
+    cross-attention sublayer sits between the two: x + cross(ln_c(x), context) with the context's
+    padding masked by ``keep``. Default off; the parameter names of a block without it are unchanged."""
 
     def __init__(self, n_embd: int, n_head: int, attn_pdrop: float = 0.0, resid_pdrop: float = 0.0,
-                 causal: bool = True):
+                 causal: bool = True, n_ctx: int = 0):
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd)
         self.ln2 = nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, attn_pdrop, resid_pdrop, causal)
         self.mlp = MLP(n_embd, resid_pdrop)
+        self.cross: CrossAttention | None = None
+        if n_ctx:
+            self.ln_c = nn.LayerNorm(n_embd)
+            self.cross = CrossAttention(n_embd, n_head, n_ctx, attn_pdrop, resid_pdrop)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``context`` [B, M, n_ctx] / ``keep`` [B, M] (or ``kv``, its precomputed keys and values):
+        what the cross-attention sublayer attends to; required exactly when the block has one."""
         x = x + self.attn(self.ln1(x), cache=cache, layer=layer, attn_mask=attn_mask)
+        if self.cross is not None:
+            x = x + self.cross(self.ln_c(x), context, keep, kv=kv)
+        elif context is not None or kv is not None:
+            raise ValueError("this block has no cross-attention (built with n_ctx=0): it takes no context")
         return x + self.mlp(self.ln2(x))

@@ -15,6 +15,11 @@ Every sampler draws one uniform number per sequence and position from ``generato
 order, so equal seeds give equal tokens across samplers. Logits are shaped by temperature (0: greedy),
 top-k, top-p (nucleus) and classifier-free guidance,
 ``l = l_c + (s - 1) (l_c - l_u)`` (= ``l_u + s (l_c - l_u)``; exact ``l_c`` at ``s = 1``).
+
+Text-conditional GPTs take caption ids ``text`` [B, L] (and, with guidance, the null caption
+``utext``, the unconditional rows): every sampler encodes ``[text; utext]`` once, in one pass of the
+text encoder; the cached and sliding-window samplers compute the captions' cross-attention keys
+and values once, into the KV cache, for all tokens and windows.
 """
 
 from __future__ import annotations
@@ -98,6 +103,22 @@ def _inputs(gpt: GPT, c: torch.Tensor, uc: torch.Tensor | None, z: torch.Tensor 
     return torch.cat((x, gpt.sequence(uc, z)))
 
 
+def _context(gpt: GPT, text: torch.Tensor | None, utext: torch.Tensor | None,
+             params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The encoded captions of the rows of :func:`_inputs` (text GPTs): ``text``, then with guidance
+    the null captions ``utext``, in one pass of the text encoder."""
+    if text is None:
+        if utext is not None:
+            raise ValueError("utext (null captions) without text (captions)")
+        return None
+    if params.cfg_scale == 1.0:
+        return gpt.encode_text(text)
+    if utext is None:
+        raise ValueError("sample.cfg_scale != 1 needs the null caption: train with conditioning.p_uncond > 0 and "
+                         "pass utext=gpt.null_text(B)")
+    return gpt.encode_text(torch.cat((text, utext)))
+
+
 def _check_length(gpt: GPT, n: int, what: str) -> None:
     if n > gpt.block_size:
         raise ValueError(f"{what} needs {n} positions but transformer.block_size={gpt.block_size}; sample the "
@@ -107,11 +128,13 @@ def _check_length(gpt: GPT, n: int, what: str) -> None:
 @torch.inference_mode()
 def sample_cached(gpt: GPT, c: torch.Tensor, steps: int, z: torch.Tensor | None = None,
                   uc: torch.Tensor | None = None, params: SamplingParams | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, *, text: torch.Tensor | None = None,
+                  utext: torch.Tensor | None = None) -> torch.Tensor:
     """Continue ``[c, z]`` by ``steps`` image codes with a static KV cache; returns [B, Lz + steps].
 
     c: local condition ids [B, Lc]; z: given image codes [B, Lz] (half-image completion) or None;
-    uc: unconditional condition ids for classifier-free guidance.
+    uc: unconditional condition ids for classifier-free guidance; text / utext: caption ids [B, L]
+    and null-caption ids (text-conditional GPTs).
     """
     params = params or SamplingParams()
     x = _inputs(gpt, c, uc, z, params)
@@ -120,7 +143,7 @@ def sample_cached(gpt: GPT, c: torch.Tensor, steps: int, z: torch.Tensor | None 
     out = torch.empty(B, steps, dtype=torch.long, device=c.device)
     if steps == 0:
         return out if z is None else z
-    cache = gpt.new_cache(x.shape[0], x.shape[1] + steps - 1)
+    cache = gpt.new_cache(x.shape[0], x.shape[1] + steps - 1, context=_context(gpt, text, utext, params))
     logits = gpt(x, cache, last_only=True)
     for t in range(steps):
         tok = pick(logits, params, generator)
@@ -133,14 +156,18 @@ def sample_cached(gpt: GPT, c: torch.Tensor, steps: int, z: torch.Tensor | None 
 @torch.inference_mode()
 def sample_naive(gpt: GPT, c: torch.Tensor, steps: int, z: torch.Tensor | None = None,
                  uc: torch.Tensor | None = None, params: SamplingParams | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Taming's sampler: the full sequence is recomputed at every step (same contract as :func:`sample_cached`)."""
+                 generator: torch.Generator | None = None, *, text: torch.Tensor | None = None,
+                 utext: torch.Tensor | None = None) -> torch.Tensor:
+    """Taming's sampler: the full sequence is recomputed at every step (same contract as :func:`sample_cached`;
+    captions are encoded once, their cross-attention recomputed with the rest)."""
     params = params or SamplingParams()
     x = _inputs(gpt, c, uc, z, params)
     _check_length(gpt, x.shape[1] + steps - 1, "sampling")
     B = c.shape[0]
+    ctx = _context(gpt, text, utext, params)
+    kw = {} if ctx is None else {"context": ctx}
     for _ in range(steps):
-        tok = pick(gpt(x)[:, -1], params, generator)
+        tok = pick(gpt(x, **kw)[:, -1], params, generator)
         x = torch.cat((x, (tok if x.shape[0] == B else tok.repeat(2))[:, None]), 1)
     return x[:B, c.shape[1]:]
 
@@ -153,7 +180,8 @@ def window_origin(i: int, size: int, window: int) -> int:
 @torch.inference_mode()
 def sample_sliding(gpt: GPT, c: torch.Tensor, grid: tuple[int, int], window: tuple[int, int],
                    z: torch.Tensor | None = None, start: int = 0, uc: torch.Tensor | None = None,
-                   params: SamplingParams | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                   params: SamplingParams | None = None, generator: torch.Generator | None = None, *,
+                   text: torch.Tensor | None = None, utext: torch.Tensor | None = None) -> torch.Tensor:
     """Sample an ``grid`` = (H, W) code grid with a transformer trained on ``window`` = (h, w) grids.
 
     Position (i, j) is sampled from the window starting at ``(window_origin(i, H, h),
@@ -161,7 +189,8 @@ def sample_sliding(gpt: GPT, c: torch.Tensor, grid: tuple[int, int], window: tup
     before (i, j) in the window's raster order. c (and uc) are either non-spatial [B, Lc]
     (the same prefix for every window) or spatial [B, H, W] (cropped with the window).
     z [B, H, W] holds given codes; positions ``< start`` (raster order) are kept.
-    Returns codes [B, H, W].
+    text / utext: captions (text GPTs), the same for every window: their cross-attention keys and
+    values are computed once and kept by the cache across windows. Returns codes [B, H, W].
     """
     params = params or SamplingParams()
     (H, W), (h, w) = grid, window
@@ -176,7 +205,7 @@ def sample_sliding(gpt: GPT, c: torch.Tensor, grid: tuple[int, int], window: tup
     Lc = h * w if spatial else c.shape[1]
     _check_length(gpt, Lc + h * w - 1, f"a {h}x{w} window")
     guided = params.cfg_scale != 1.0
-    cache = gpt.new_cache(B * (2 if guided else 1), Lc + h * w - 1)
+    cache = gpt.new_cache(B * (2 if guided else 1), Lc + h * w - 1, context=_context(gpt, text, utext, params))
     prev = None  # (origin, local index) of the previous position
     logits = None
     for p in range(start, H * W):
@@ -200,17 +229,20 @@ def sample_sliding(gpt: GPT, c: torch.Tensor, grid: tuple[int, int], window: tup
 
 def sample(gpt: GPT, c: torch.Tensor, grid: tuple[int, int], window: tuple[int, int] | None = None,
            z: torch.Tensor | None = None, start: int = 0, uc: torch.Tensor | None = None,
-           params: SamplingParams | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+           params: SamplingParams | None = None, generator: torch.Generator | None = None, *,
+           text: torch.Tensor | None = None, utext: torch.Tensor | None = None) -> torch.Tensor:
     """Codes [B, H, W] for ``grid``: the cached sampler when the grid is the trained ``window`` (or no
     window is given), else the sliding-window sampler. ``z``/``start``: given codes kept before ``start``
-    (``start = H * W // 2``: half-image completion). Spatial conditions [B, H, W] are flattened."""
+    (``start = H * W // 2``: half-image completion). Spatial conditions [B, H, W] are flattened.
+    ``text`` / ``utext``: caption and null-caption ids of a text-conditional GPT (both samplers)."""
     H, W = grid
     if window is None or tuple(window) == (H, W):
         flat = c.flatten(1) if c.dim() == 3 else c
         uflat = None if uc is None else (uc.flatten(1) if uc.dim() == 3 else uc)
         given = None if z is None or start == 0 else z.flatten(1)[:, :start]
-        return sample_cached(gpt, flat, H * W - start, given, uflat, params, generator).view(-1, H, W)
-    return sample_sliding(gpt, c, grid, window, z, start, uc, params, generator)
+        return sample_cached(gpt, flat, H * W - start, given, uflat, params, generator, text=text,
+                             utext=utext).view(-1, H, W)
+    return sample_sliding(gpt, c, grid, window, z, start, uc, params, generator, text=text, utext=utext)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -17,6 +17,20 @@
 Both use discrete classifier-free guidance, log p = log p(x0|null) + s (log p(x0|y) -
 log p(x0|null)) renormalised, then truncation: keep the smallest set of x0 classes whose
 probability reaches r. All randomness comes from ``generator``.
+
+Inpainting (``known`` codes and a ``region`` to regenerate; the known tokens reset after every step, as
+in microsoft/VQ-Diffusion's released inpainting): only the region starts from the sampler's start
+state (the prior / [MASK]); every other position holds its known code from the start and is set
+back to it after every step, so the output equals ``known`` there exactly. The time each sampler
+shows the denoiser follows its own rule, applied to the whole, partially known sequence:
+
+* ``standard``: the grid time t. The region is a draw of the chain at t (the posterior jump t -> s
+  needs that t, and the region's unmasked tokens may be replacements, as at t); the known codes are
+  what x_0 holds there, which a training input of that t keeps with probability abar_t.
+* ``purity``: the t whose gbar_t is nearest the [MASK] fraction of the *whole* sequence, the known
+  tokens counting as unmasked (an M-token region starts at fraction M / N, not 1); the region is
+  unmasked on the schedule rescaled to its size, round(M gbar_s / gbar_T) [MASK] tokens left after
+  the jump to s. With the full region both reduce to ordinary sampling, draw for draw.
 """
 
 from __future__ import annotations
@@ -125,14 +139,41 @@ def predict_x0(denoiser: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch
     return truncate(log_p, truncation_rate)
 
 
+def inpainting_start(known: torch.Tensor, region: torch.Tensor, n: int, K: int,
+                     grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked, flattened ``known`` codes [n, N] and ``region`` [N] (bool, True = regenerate) of an inpainting.
+
+    ``known``: [N], [h, w], [1 or n, N] or [1 or n, h, w] code indices in [0, K) (positions inside the region
+    are ignored); ``region``: [N] or [h, w], one region for all n rows, at least one position.
+    """
+    h, w = grid
+    N = h * w
+    if region.numel() != N:
+        raise ConfigError(f"the inpainting region must have one entry per code token of the {h}x{w} grid")
+    region = region.reshape(-1).bool()
+    if not bool(region.any()):
+        raise ConfigError("the inpainting region is empty: there is nothing to regenerate")
+    if known.numel() not in (N, n * N):
+        raise ConfigError(f"the known codes of an inpainting must be [{h}, {w}] or [{n}, {h}, {w}], "
+                          f"not {list(known.shape)}")
+    known = known.long().reshape(-1, N).expand(n, N)
+    outside = known[:, ~region]
+    if outside.numel() and (int(outside.min()) < 0 or int(outside.max()) >= K):
+        raise ConfigError(f"the known codes of an inpainting must be code indices in [0, {K})")
+    return known, region
+
+
 @torch.no_grad()
 def sample_tokens(denoiser: nn.Module, diffusion: MaskAndReplace, n: int, y: torch.Tensor | None = None,
                   steps: int = 25, truncation_rate: float = 1.0, cfg_scale: float = 1.0, sampler: str = "standard",
-                  generator: torch.Generator | None = None, prior_weight: float = 0.0) -> torch.Tensor:
+                  generator: torch.Generator | None = None, prior_weight: float = 0.0,
+                  known: torch.Tensor | None = None, region: torch.Tensor | None = None) -> torch.Tensor:
     """Code indices [n, h, w]; ``denoiser`` has ``grid`` (h, w), ``null_class`` and (x_t, t, y) -> log p(x0 | x_t).
 
     ``prior_weight`` (purity sampler only): r of Improved VQ-Diffusion's purity prior
     (``purity_prior``); 0 (default) samples p(x0 | x_t) unchanged.
+    ``known`` and ``region`` (together; ``inpainting_start``): inpainting, the positions outside ``region``
+    fixed at the ``known`` codes at every step and in the output, the region sampled (module docstring).
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler='{sampler}' is not one of {SAMPLERS}")
@@ -141,19 +182,30 @@ def sample_tokens(denoiser: nn.Module, diffusion: MaskAndReplace, n: int, y: tor
     gbar = 1 - diffusion.keep_bar
     if sampler == "purity" and gbar[diffusion.T] <= 0:
         raise ConfigError("the purity sampler unmasks tokens: it needs diffusion.mask_final > 0")
+    if (known is None) != (region is None):
+        raise ConfigError("inpainting needs both the known codes and the region to regenerate")
     h, w = denoiser.grid
     N, K = h * w, diffusion.K
-    if sampler == "purity":
-        _warn_if_outside_training(float(gbar[diffusion.T]), N)
     device = diffusion.alpha_bar.device
+    if known is not None:
+        known, region = inpainting_start(known.to(device), region.to(device), n, K, (h, w))
+    M = N if region is None else int(region.sum())  # the tokens to sample
+    if sampler == "purity":
+        _warn_if_outside_training(float(gbar[diffusion.T]), M)
+
+    def keep_known(x: torch.Tensor) -> torch.Tensor:
+        return x if region is None else torch.where(region, x, known)
+
     if sampler == "standard":
         x = sample_categorical(diffusion.log_prior().expand(n, N, K + 1), generator)
     else:
         x = torch.full((n, N), K, device=device)
+    x = keep_known(x)
     times = time_grid(diffusion.T, steps)
     for t_now, s_now in zip(times[:-1], times[1:]):
         masked = x == K
-        if sampler == "purity":  # the t a training input with this mask fraction comes from (all rows alike)
+        if sampler == "purity":  # the t a training input with this mask fraction comes from (all rows alike;
+            # known tokens count as unmasked)
             t_now = timestep_for_mask_fraction(gbar, float(masked[0].sum()) / N)
         t = torch.full((n,), t_now, device=device)
         s = torch.full((n,), s_now, device=device)
@@ -161,14 +213,14 @@ def sample_tokens(denoiser: nn.Module, diffusion: MaskAndReplace, n: int, y: tor
         if sampler == "standard":
             log_p = diffusion.posterior(log_x0, x, t, s)
             log_p[..., K].masked_fill_(~masked, float("-inf"))  # [MASK] never comes back
-            x = sample_categorical(log_p, generator)
+            x = keep_known(sample_categorical(log_p, generator))
         else:
-            n_masked = int(round(N * float(gbar[s_now] / gbar[diffusion.T])))
+            n_masked = int(round(M * float(gbar[s_now] / gbar[diffusion.T])))  # the schedule, on the region
             n_unmask = int(masked[0].sum()) - n_masked
             if n_unmask <= 0:
                 continue
-            purity = log_x0.max(-1).values.exp().masked_fill(~masked, 0.0)
+            purity = log_x0.max(-1).values.exp().masked_fill(~masked, 0.0)  # known tokens are never masked
             pos = torch.multinomial(purity, n_unmask, replacement=False, generator=generator)
             x0 = sample_categorical(purity_prior(log_x0, prior_weight), generator)
-            x = x.scatter(1, pos, x0.gather(1, pos))
+            x = keep_known(x.scatter(1, pos, x0.gather(1, pos)))
     return x.view(n, h, w)

@@ -44,6 +44,8 @@ CAPABILITIES = {
     "nll": "nll(batch) -> per-token negative log-likelihood (evaluate.py: nll, bpd)",
     "complete": "sample(..., complete=batch) keeps the first half of the batch's codes (sample.py half=true)",
     "larger_grid": "sample(..., grid=[h, w]) larger than the trained grid (sliding window; sample.py grid=)",
+    "inpaint": "sample(..., inpaint=(image, mask)) regenerates the code tokens whose cells the mask touches and "
+               "keeps the others at the image's codes; inpaint_region(mask) says which (sample.py init_image= mask=)",
 }
 
 
@@ -164,6 +166,11 @@ class Stage(abc.ABC):
 
     def sample(self, n: int, condition: Any = None, **kwargs) -> torch.Tensor:
         raise NotImplementedError(f"stage '{self.name}' is not a generator: it has no sample()")
+
+    def inpaint_region(self, mask: torch.Tensor) -> torch.Tensor:
+        """The code tokens [h, w] (bool) that ``sample(..., inpaint=(image, mask))`` regenerates for a pixel mask
+        [H, W] (True = regenerate) of an image at the model's resolution (capability ``inpaint``)."""
+        raise NotImplementedError(f"stage '{self.name}' cannot inpaint (capability 'inpaint')")
 
     def nll(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError(f"stage '{self.name}' has no likelihood (capability 'nll')")

@@ -7,6 +7,13 @@ with the likelihood L = E[-log p(s | c)] = -sum_i log p(s_i | s_<i, c) (teacher 
 ``stage.pkeep`` < 1 a fraction 1 - pkeep of the *input* codes is replaced by random codes
 (targets stay clean), as in taming. Logged: ``loss/train``, ``val/nll`` (nats per token),
 ``val/bpd`` (``val/nll`` / ln 2, bits per token) and sample grids.
+
+Text conditioning (``conditioning=text``): the batch's ``caption``, encoded by ``text_encoder`` (the
+factory shared with stage=vqdiffusion; the ``learned`` encoder's vocabulary comes from the first
+``text_encoder.vocab_captions`` training captions and is saved with the model), is cross-attended
+by every GPT block (:mod:`vqtransformer.models.gpt`); with probability ``conditioning.p_uncond`` a
+caption is replaced by the null caption in training, so ``sample.cfg_scale`` != 1 guides with it.
+``sample()`` then takes prompts, and refuses class labels and maps (as other models refuse prompts).
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vqtransformer.config import ConfigError
 from vqtransformer.data.codes import CodeCache, cache_key, fingerprint
-from vqtransformer.grids import image_grid
+from vqtransformer.grids import image_grid, labelled_grid
 from vqtransformer.models.conditioning import (
     ConditionError,
     Conditioning,
     build_conditioning,
+    build_text_encoder,
     needs_vq,
     one_hot_map,
+    training_captions,
 )
 from vqtransformer.models.gpt import GPT, for_cpu_inference
 from vqtransformer.sampling.autoregressive import SamplingParams, make_generator, sample
@@ -154,7 +163,13 @@ class TransformerStage(Stage):
             raise ConfigError(f"stage.pkeep={self.pkeep} must be in (0, 1]")
         self.lr_factor = lr_schedule(tr.get("schedule", "cosine"), int(tr.get("warmup_steps", 0)),
                                      int(OmegaConf.select(cfg, "trainer.max_steps", default=1) or 1))
-        self.gpt = GPT.from_config(tr, V, self.cond.vocab_size)
+        text = None
+        if self.cond.type == "text":  # its vocabulary: from the training captions, or a checkpoint's state
+            if tr.get("pretrained") or tr.get("taming_config"):
+                raise ConfigError("conditioning.type=text: taming-transformers has no text-conditional GPT to load "
+                                  "(transformer.pretrained / taming_config); train one with stage=transformer")
+            text = build_text_encoder(cfg, None if for_inference else training_captions(cfg))
+        self.gpt = GPT.from_config(tr, V, self.cond.vocab_size, text_encoder=text)
         self.vocab_size = V
         self._caches: dict[str, CodeCache | None] = {}
         self._val_data = None
@@ -175,6 +190,8 @@ class TransformerStage(Stage):
                               "conditioning are in no weight)")
         state = taming.state_dict_of(load(tr.pretrained))
         kind = self.cond.type
+        if kind == "text":
+            raise ConfigError("conditioning.type=text: taming-transformers has no text-conditional GPT to convert")
         cond_vocab = self.cond.num_classes if kind == "class" else (None if kind == "none" else self.cond.vocab_size)
         converted = taming.convert_transformer(state, self.vocab_size, kind, cond_vocab, int(tr.get("sos_token", 0)))
         load_module_state(self.gpt, converted, what=f"transformer.pretrained={tr.pretrained}",
@@ -188,6 +205,17 @@ class TransformerStage(Stage):
     @property
     def gpt_module(self) -> GPT:
         return self.unwrap(self.gpt)
+
+    @property
+    def text_conditional(self) -> bool:
+        return self.cond.type == "text"
+
+    def caption_ids(self, batch: dict, drop: bool = False) -> torch.Tensor:
+        """Caption ids [B, L] of the batch's captions (text models); ``drop``: each replaced by the null
+        caption with probability ``conditioning.p_uncond`` (classifier-free guidance's training)."""
+        gpt = self.gpt_module
+        ids = gpt.text_encoder.tokenize(self.cond.captions(batch)).to(self.device)
+        return self.cond.drop_captions(ids, gpt.null_text(ids.shape[0])) if drop else ids
 
     def meta(self) -> dict[str, Any]:
         return {"conditioning": self.cond.type, "vocab_size": self.vocab_size,
@@ -243,10 +271,17 @@ class TransformerStage(Stage):
             return colorize(labels, self.first_stage.encoder.conv_in.in_channels).to(x.device)
         return (x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x).clamp(-1, 1)
 
-    def logits(self, gpt: nn.Module, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits [B, h*w, V]: output Lc - 1 + i predicts s_i from (c, s_<i)."""
+    def logits(self, gpt: nn.Module, z: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Teacher-forced logits [B, h*w, V]: output Lc - 1 + i predicts s_i from (c, s_<i) (and, text
+        models, the captions ``context``, ids [B, L], encoded inside the GPT's forward)."""
         x = self.gpt_module.sequence(c, z)
-        return gpt(x[:, :-1])[:, c.shape[1] - 1:]
+        kw = {} if context is None else {"context": context}
+        return gpt(x[:, :-1], **kw)[:, c.shape[1] - 1:]
+
+    def _text(self, batch: dict, drop: bool) -> dict:
+        """``logits``' extra arguments: the caption ids of a text model, nothing otherwise."""
+        return {"context": self.caption_ids(batch, drop)} if self.text_conditional else {}
 
     # -- training ------------------------------------------------------------------
     def setup(self, accelerator) -> list[OptimizerSpec]:
@@ -266,11 +301,12 @@ class TransformerStage(Stage):
     def training_step(self, batch: dict, step: int, opt_idx: int) -> tuple[torch.Tensor, dict[str, float]]:
         z, c = self.tokens(batch, "train")
         c = self.cond.drop(c)  # label dropout (class conditioning) for classifier-free guidance
+        text = self._text(batch, drop=True)  # text: the null caption with probability p_uncond
         x = z
         if self.pkeep < 1.0:
             keep = torch.rand(z.shape, device=z.device) < self.pkeep
             x = torch.where(keep, z, torch.randint_like(z, self.vocab_size))
-        logits = self.logits(self.gpt, x, c)
+        logits = self.logits(self.gpt, x, c, **text)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), z.reshape(-1))
         return loss, {"loss/train": loss.item()}
 
@@ -279,7 +315,7 @@ class TransformerStage(Stage):
     def nll(self, batch: dict) -> torch.Tensor:
         """Per-token negative log-likelihood in nats, [B, h*w] (teacher-forced, no corruption)."""
         z, c = self.tokens(batch, "validation")
-        logits = self.logits(self.gpt_module, z, c)
+        logits = self.logits(self.gpt_module, z, c, **self._text(batch, drop=False))
         return F.cross_entropy(logits.transpose(1, 2).float(), z, reduction="none")
 
     def validate(self, batch: dict) -> dict[str, float]:
@@ -294,9 +330,12 @@ class TransformerStage(Stage):
 
     @torch.no_grad()
     def validation_images(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Rows: condition (if any), input, reconstruction, half-image completion, sample."""
+        """Rows: condition (if any), input, reconstruction, half-image completion, sample (with the
+        batch's conditions). Class models: a grid of one row per class; text models: of one row per
+        validation caption (the first four of the batch), the caption under it."""
         n = min(int(self.cfg.stage.get("val_samples", 8)), batch[self.image_key].shape[0])
-        b = {k: v[:n] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        b = {k: v[:n] if (torch.is_tensor(v) and v.dim() > 0) or isinstance(v, (list, tuple)) else v
+             for k, v in batch.items()}  # (captions are a list)
         z, _ = self.tokens(b, "validation")
         z = z.view(n, *self.grid)
         seed = int(OmegaConf.select(self.cfg, "trainer.seed", default=0) or 0)
@@ -311,18 +350,30 @@ class TransformerStage(Stage):
             x = self.sample(k * self.num_classes, [c for c in range(self.num_classes) for _ in range(k)],
                             seed=seed + 2)
             grids["class_samples"] = image_grid(list(x.split(k)))
+        if self.text_conditional:
+            k = max(1, n // 2)
+            prompts = self.cond.captions(batch)[:4]
+            x = self.sample(k * len(prompts), [p for p in prompts for _ in range(k)], seed=seed + 2)
+            grids["caption_samples"] = labelled_grid(list(x.split(k)), prompts)
         return grids
 
     # -- sampling ----------------------------------------------------------------
     @property
     def condition_needs_data(self) -> bool:
-        return self.cond.type in ("segmentation", "depth", "lowres")
+        """Maps and images, and captions (without prompts: those of the validation data)."""
+        return self.cond.type in ("segmentation", "depth", "lowres", "text")
 
     def condition_from_batch(self, batch: dict) -> Any:
         return self.cond.from_batch(batch)
 
     def _condition(self, n: int, condition: Any, image_size: tuple[int, int]) -> dict:
         """A batch-like dict of conditions for n samples."""
+        if self.text_conditional:
+            return self._text_condition(n, condition)
+        if isinstance(condition, str) or (isinstance(condition, (list, tuple)) and
+                                          any(isinstance(x, str) for x in condition)):
+            raise ConditionError(f"this model was trained with conditioning.type={self.cond.type}; prompts are for "
+                                 "text-conditional models (conditioning.type=text)")
         if condition is None:
             if self.cond.type == "class":  # class-balanced
                 return {"class_label": torch.arange(n) % self.cond.num_classes}
@@ -340,6 +391,21 @@ class TransformerStage(Stage):
                                  "are not accepted")
         y = torch.as_tensor(condition).long().reshape(-1)
         return {"class_label": y.expand(n) if y.numel() == 1 else y}
+
+    def _text_condition(self, n: int, condition: Any) -> dict:
+        """Captions for n samples: a prompt (str), 1 or n prompts, or ``{"caption": ...}``; None: the null caption."""
+        if isinstance(condition, dict):
+            self.cond.check_condition(condition)
+            condition = condition.get("caption")
+        if condition is None:
+            return {"batch_size": n}  # the null caption (unconditional samples)
+        prompts = [condition] if isinstance(condition, str) else condition
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ConditionError("this model is text-conditional (conditioning.type=text): give a prompt (str) or "
+                                 f"{n} prompts, not {condition!r:.100} (class labels and maps are not accepted)")
+        if len(prompts) not in (1, n):
+            raise ConditionError(f"{len(prompts)} prompts for {n} samples: give 1 or {n}")
+        return {"caption": list(prompts) * (n if len(prompts) == 1 else 1)}
 
     def _validation_conditions(self, n: int) -> dict:
         """Conditions (maps / images) of the next n validation items, for samples without given conditions."""
@@ -379,13 +445,18 @@ class TransformerStage(Stage):
         p = self.sampling_params(**params)
         uc = self.cond.uncond(c) if p.cfg_scale != 1.0 else None
         gpt = self.gpt_module
+        text = {}
+        if self.text_conditional:  # caption ids; the null caption for no caption and for guidance's uncond rows
+            ids = gpt.text_encoder.tokenize(batch["caption"]).to(self.device) if "caption" in batch \
+                else gpt.null_text(n)
+            text = {"text": ids, "utext": gpt.null_text(n) if uc is not None else None}
         was_training = gpt.training
         gpt.eval()
         try:
             gen = generator or make_generator(seed, self.device)
             window = None if grid == self.grid else self.grid
             z = None if z is None else z.to(self.device).view(n, *grid)
-            return sample(self._inference_gpt(gpt, n), c, grid, window, z, start, uc, p, gen)
+            return sample(self._inference_gpt(gpt, n), c, grid, window, z, start, uc, p, gen, **text)
         finally:
             gpt.train(was_training)
 
@@ -399,8 +470,9 @@ class TransformerStage(Stage):
     @torch.no_grad()
     def sample(self, n: int, condition: Any = None, complete: dict | None = None, **kwargs) -> torch.Tensor:
         """n images [n, 3, H, W] in [-1, 1] (see :meth:`sample_codes`). ``condition``: None (start token;
-        class-balanced labels; validation maps), class labels (int, list, tensor) or a dict of maps
-        (``segmentation`` [n, H, W], ``depth`` [n, 1, H, W], ``coord``, ``lowres``). ``complete``: a batch of
+        class-balanced labels; validation maps; the null caption), class labels (int, list, tensor), a dict of
+        maps (``segmentation`` [n, H, W], ``depth`` [n, 1, H, W], ``coord``, ``lowres``) or, for a
+        text-conditional model, a prompt (str) or n prompts (``sample.py prompt=``). ``complete``: a batch of
         n items whose images' first half of codes (raster order) is kept (half-image completion)."""
         if complete is not None:
             z, _ = self.tokens(complete, "validation")

@@ -5,7 +5,9 @@ denoiser learns p(x_0 | x_t) under the mask-and-replace process of ``cfg.diffusi
 the VLB + auxiliary loss; samples are decoded back to images. Conditions: none, a class
 (``conditioning=class``) or a caption (``conditioning=text``: the batch's ``caption``, encoded by
 ``text_encoder=learned``, whose vocabulary is built from the first ``text_encoder.vocab_captions``
-training captions and saved with the model).
+training captions and saved with the model). Inpainting (capability ``inpaint``): ``sample(...,
+inpaint=(image, mask))`` regenerates the code tokens whose f x f cell the pixel mask touches (any overlap)
+and keeps every other token at the image's code, at every denoising step and in the output.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.config import ConfigError
@@ -28,7 +31,7 @@ from vqtransformer.stages.base import OptimizerSpec, Stage
 
 class VQDiffusionStage(Stage):
     name = "vqdiffusion"
-    capabilities = frozenset({"sample"})
+    capabilities = frozenset({"sample", "inpaint"})
     sampling_options = ("steps", "truncation_rate", "cfg_scale", "sampler", "prior_weight")
     architecture_keys = ("transformer.n_layer", "transformer.n_head", "transformer.n_embd", "conditioning.type",
                          "diffusion.num_timesteps", "diffusion.mask_final", "diffusion.replace_final")
@@ -69,6 +72,7 @@ class VQDiffusionStage(Stage):
         if res % f:
             raise ConfigError(f"data.resolution={res} is not a multiple of the first stage's downsampling factor {f}")
         grid = (res // f, res // f)
+        self.resolution, self.factor = res, f
         d, st = cfg.diffusion, cfg.stage
         self.diffusion = MaskAndReplace(K, d.num_timesteps, d.mask_final, d.replace_final)
         captions = None
@@ -154,14 +158,29 @@ class VQDiffusionStage(Stage):
             return {"samples": image_grid(list(self.sample(len(y), y, **kw).split(k)))}
         return {"samples": square_grid(self.sample(n, None, **kw))}
 
+    def inpaint_region(self, mask: torch.Tensor) -> torch.Tensor:
+        """The code tokens [h, w] (bool) a pixel mask [H, W] (True = regenerate; H = W = ``data.resolution``)
+        regenerates: those whose f x f cell holds at least one masked pixel (any overlap), so that no masked
+        pixel keeps its image code."""
+        r = self.resolution
+        if tuple(mask.shape) != (r, r):
+            raise ConfigError(f"the inpainting mask is {list(mask.shape)} pixels; this model's images are {r}x{r} "
+                              "(data.resolution)")
+        cells = F.max_pool2d(mask.to(self.device, torch.float32).view(1, 1, r, r), self.factor)
+        return cells.view(r // self.factor, r // self.factor) > 0
+
     @torch.no_grad()
     def sample(self, n: int, condition: Any = None, steps: int = 25, truncation_rate: float | None = None,
                cfg_scale: float | None = None, sampler: str = "standard", seed: int = 0,
-               generator: torch.Generator | None = None, prior_weight: float = 0.0) -> torch.Tensor:
+               generator: torch.Generator | None = None, prior_weight: float = 0.0,
+               inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """n images [n, 3, H, W] in [-1, 1]; ``condition``: class ids (int, list or tensor [n]), for a
         text-conditional model a prompt (str) or n prompts, or None (the null class / caption).
         Defaults: ``stage.truncation_rate``, ``stage.cfg_scale``.
-        ``prior_weight``: r of Improved VQ-Diffusion's purity prior (``sampler=purity``; 0 = off)."""
+        ``prior_weight``: r of Improved VQ-Diffusion's purity prior (``sampler=purity``; 0 = off).
+        ``inpaint``: (image [3, H, W] or [1, 3, H, W] in [-1, 1] at ``data.resolution``, pixel mask [H, W],
+        True = regenerate): the tokens of ``inpaint_region(mask)`` are sampled (under ``condition``), every
+        other token is the image's code at every step (``sample_tokens``' ``known`` / ``region``)."""
         st = self.cfg.stage
         truncation_rate = st.truncation_rate if truncation_rate is None else truncation_rate
         cfg_scale = st.cfg_scale if cfg_scale is None else cfg_scale
@@ -180,6 +199,18 @@ class VQDiffusionStage(Stage):
                 raise ConfigError("this vqdiffusion model is class-conditional (conditioning.type=class): "
                                   "give class ids, not prompts")
             y = torch.as_tensor(condition, device=self.device).long().reshape(-1).expand(n)
+        known = region = None
+        if inpaint is not None:
+            image, mask = inpaint
+            r = self.resolution
+            image = image.unsqueeze(0) if image.dim() == 3 else image
+            if image.dim() != 4 or image.shape[0] != 1 or tuple(image.shape[1:]) != (3, r, r):
+                raise ConfigError(f"the image to inpaint is {list(image.shape)}; this model needs one RGB image "
+                                  f"[3, {r}, {r}] (data.resolution={r})")
+            region = self.inpaint_region(mask)
+            if not bool(region.any()):
+                raise ConfigError("the inpainting mask is empty: there is nothing to regenerate")
+            known = self.encode(image)
         if generator is None:
             generator = torch.Generator(self.device).manual_seed(seed)
         denoiser = self.denoiser_module
@@ -187,7 +218,7 @@ class VQDiffusionStage(Stage):
         denoiser.eval()
         try:
             idx = sample_tokens(denoiser, self.diffusion, n, y, steps, truncation_rate, cfg_scale, sampler, generator,
-                                prior_weight=prior_weight)
+                                prior_weight=prior_weight, known=known, region=region)
         finally:
             denoiser.train(was_training)
         return self.first_stage.decode_indices(idx).clamp(-1, 1)

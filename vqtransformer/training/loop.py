@@ -193,6 +193,8 @@ class InfiniteLoader:
         while True:
             if self._it is None:
                 self.sampler.set_position(self.epoch, self.batches * self.batch_size)
+                if hasattr(self.loader.dataset, "set_epoch"):  # e.g. captions: one of several drawn per epoch
+                    self.loader.dataset.set_epoch(self.epoch)
                 self._it = iter(self.loader)
             try:
                 batch = next(self._it)
