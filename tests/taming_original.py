@@ -37,7 +37,8 @@ def _module(name: str, **attrs) -> types.ModuleType:
 
 @contextlib.contextmanager
 def _stand_ins():
-    """Empty ``pytorch_lightning`` / ``transformers`` modules in ``sys.modules`` while taming is imported."""
+    """Empty ``pytorch_lightning`` / ``transformers`` modules in ``sys.modules`` while taming is imported (or,
+    with a real ``transformers`` that no longer has it, a stand-in ``top_k_top_p_filtering`` on it)."""
     added = []
 
     def add(name, **attrs):
@@ -62,18 +63,24 @@ def _stand_ins():
         add("pytorch_lightning.callbacks", ModelCheckpoint=_Base, Callback=_Base, LearningRateMonitor=_Base)
         add("pytorch_lightning.utilities")
         add("pytorch_lightning.utilities.distributed", rank_zero_only=lambda f: f)
-    try:
-        importlib.import_module("transformers")
-    except ImportError:
-        def top_k_top_p_filtering(*a, **k):
-            raise NotImplementedError("stand-in: not used by the compared code")
+    def top_k_top_p_filtering(*a, **k):
+        raise NotImplementedError("stand-in: not used by the compared code")
 
+    patched = None
+    try:
+        real = importlib.import_module("transformers")
+        if not hasattr(real, "top_k_top_p_filtering"):  # removed from transformers (4.40+); mingpt imports it
+            patched = real
+            real.top_k_top_p_filtering = top_k_top_p_filtering
+    except ImportError:
         add("transformers", top_k_top_p_filtering=top_k_top_p_filtering)
     try:
         yield
     finally:
         for name in added:
             sys.modules.pop(name, None)
+        if patched is not None:
+            del patched.top_k_top_p_filtering
 
 
 def taming():

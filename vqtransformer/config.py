@@ -74,6 +74,8 @@ SCHEMA: dict[str, tuple] = {
     "first_stage.ch_mult": ("list[int]", 1, None), "first_stage.num_res_blocks": ("int", 1, None),
     "first_stage.attn_resolutions": ("list[int]", 1, None), "first_stage.dropout": ("float", 0.0, 0.999),
     "first_stage.pretrained": ("str?", None, None), "first_stage.learning_rate": ("float?", _GT0, None),
+    "first_stage.lr_schedule": ("choice", ("constant", "cosine"), None), "first_stage.warmup_steps": ("int", 0, None),
+    "first_stage.min_lr_ratio": ("float", 0.0, 1.0),
     "first_stage.ckpt": ("str?", None, None), "first_stage.run_id": ("str?", None, None),
     "first_stage.taming_config": ("str?", None, None), "transformer.taming_config": ("str?", None, None),
     "transformer.pretrained": ("str?", None, None), "transformer.sos_token": ("int", 0, None),

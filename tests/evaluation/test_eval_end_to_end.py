@@ -275,10 +275,13 @@ class FakeGenerator(Stage):
     def validate(self, batch):
         return {}
 
+    sampling_options = ("cfg_scale",)
+
     def sample(self, n, condition=None, seed=0, **kwargs):
         if condition is not None:
             self.asked.append(condition.clone())
         self.seeds.append(seed)
+        self.options = kwargs
         return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
@@ -301,6 +304,21 @@ def test_class_conditional_generator_is_sampled_class_balanced(tmp_path):
                                  "standin/kid_std"}
     assert s["metrics"]["standin/fid"] > 0 and s["protocol"]["num_samples"] == 90
     assert any("KID subset size reduced" in n for n in s["notes"]) is False  # 50 <= 80 and 90
+
+
+def test_eval_sampling_replaces_the_runs_sampling_options_and_is_noted(tmp_path):
+    cfg = gen_cfg("vitgan")
+    stage = FakeGenerator(cfg)
+    ev = eval_cfg("eval.metrics=[fid]", "eval.num_samples=90", "eval.sampling={cfg_scale:3}").eval
+    s = evaluate_stage(stage, cfg, ev, torch.device("cpu"), tmp_path)
+    assert stage.options == {"cfg_scale": 3} and any("cfg_scale=3 (eval.sampling)" in n for n in s["notes"])
+    stage = FakeGenerator(cfg)
+    evaluate_stage(stage, cfg, eval_cfg("eval.metrics=[fid]", "eval.num_samples=90").eval, torch.device("cpu"),
+                   tmp_path)
+    assert stage.options == {}  # by default the run's own options
+    with pytest.raises(EvaluationError, match="eval.sampling.steps: stage 'vitgan' takes sampling options cfg_scale"):
+        evaluate_stage(FakeGenerator(cfg), cfg, eval_cfg("eval.metrics=[fid]", "eval.sampling={steps:5}").eval,
+                       torch.device("cpu"), tmp_path)
 
 
 def test_transformer_reports_nll_and_bits_per_dim(tmp_path):

@@ -142,3 +142,31 @@ def test_feature_matching_is_a_paired_distance_in_the_discriminator_features_tha
     torch.manual_seed(0)
     off = VQGANStage(compose(base + ["first_stage.loss.disc_fm_weight=0.0"]))
     assert "loss/fm" not in off.training_step(batch, 0, 0)[1]
+
+
+def test_generator_learning_rate_warms_up_and_decays_by_cosine_to_its_floor_while_the_discriminators_stays():
+    class Acc:
+        device, num_processes = torch.device("cpu"), 1
+
+        def prepare(self, *objs):
+            return objs
+
+    stage = VQGANStage(compose(TINY + ["trainer.max_steps=1050", "first_stage.learning_rate=4e-4",
+                                       "first_stage.lr_schedule=cosine", "first_stage.warmup_steps=50",
+                                       "first_stage.min_lr_ratio=0.1"]))
+    gen, disc = stage.setup(Acc())
+    lrs = {}
+    for step in range(1050):
+        lrs[step] = gen.optimizer.param_groups[0]["lr"]
+        gen.optimizer.step()
+        gen.scheduler.step()
+    assert lrs[0] == pytest.approx(4e-4 / 50) and lrs[49] == pytest.approx(4e-4)
+    assert lrs[550] == pytest.approx(4e-4 * (0.1 + 0.9 * 0.5)) and lrs[1049] == pytest.approx(4e-5, rel=1e-3)
+    assert disc.scheduler is None and disc.optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
+    taming = VQGANStage(compose(TINY + ["first_stage=vqgan_f4", "first_stage.ch=32", "first_stage.loss.perceptual=none"]))
+    gen, _ = taming.setup(Acc())
+    lr0 = gen.optimizer.param_groups[0]["lr"]
+    for _ in range(5):
+        gen.optimizer.step()
+        gen.scheduler.step()
+    assert gen.optimizer.param_groups[0]["lr"] == lr0  # the paper's presets: constant

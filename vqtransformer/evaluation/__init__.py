@@ -183,8 +183,12 @@ def evaluate_stage(stage, cfg: DictConfig, ev: DictConfig, device: torch.device,
             n_cls = _num_classes(cfg, stage, dataset)
             prompts = eval_prompts(dataset, n_samples) if stage.condition_type == "text" else None
             bs = int(ev.get("sample_batch_size") or ev.batch_size)
+            options = sampling_overrides(stage, ev)
+            if options:
+                notes.append(f"sampled with {', '.join(f'{k}={v}' for k, v in options.items())} (eval.sampling)")
             fake, fake_logits = extract_features(
-                net, generative.generate_uint8(stage, n_samples, bs, int(ev.seed), n_cls, prompts), device, n_samples,
+                net, generative.generate_uint8(stage, n_samples, bs, int(ev.seed), n_cls, prompts, options), device,
+                n_samples,
                 f"samples{' (class-balanced)' if n_cls else ' (of the split captions)' if prompts else ''}")
             gen, gen_notes = generative.generator_metrics(real_feats, fake, fake_logits, metrics, int(ev.is_splits),
                                                           int(ev.kid_subsets), int(ev.kid_subset_size), int(ev.seed),
@@ -249,6 +253,18 @@ def judge_classes(net, real_feats: torch.Tensor, fake_feats: torch.Tensor, num_c
     from vqtransformer.evaluation.judge import plot_class_histogram
 
     return out, plot_class_histogram(p_real, p_fake, out_dir / "class_histogram.png")
+
+
+def sampling_overrides(stage, ev: DictConfig) -> dict:
+    """``eval.sampling``: sampling options (the stage's ``sampling_options``, e.g. cfg_scale, steps) that
+    replace the run's own sampling config for the generated samples; part of the protocol record."""
+    given = ev.get("sampling")
+    options = dict(OmegaConf.to_container(given, resolve=True)) if given else {}
+    unknown = sorted(set(options) - set(stage.sampling_options))
+    if unknown:
+        raise EvaluationError(f"eval.sampling.{unknown[0]}: stage '{stage.name}' takes sampling options "
+                              f"{', '.join(stage.sampling_options) or '(none)'}")
+    return options
 
 
 def eval_prompts(dataset, n: int) -> list[str]:

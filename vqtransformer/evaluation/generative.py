@@ -83,9 +83,9 @@ def batch_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def generate_uint8(stage, n: int, batch_size: int, seed: int, num_classes: int | None = None,
-                   prompts: list[str] | None = None) -> Iterator[torch.Tensor]:
-    """``n`` samples of ``stage.sample`` as uint8 batches on the CPU (class-balanced when ``num_classes``;
-    sample i of caption ``prompts[i]`` when given).
+                   prompts: list[str] | None = None, options: dict | None = None) -> Iterator[torch.Tensor]:
+    """``n`` samples of ``stage.sample(**options)`` as uint8 batches on the CPU (class-balanced when
+    ``num_classes``; sample i of caption ``prompts[i]`` when given).
 
     Batch i is drawn with ``seed=batch_seed(seed, i)`` (stages that seed their own generator) after
     ``torch.manual_seed(seed)`` (stages that use the global one)."""
@@ -96,7 +96,7 @@ def generate_uint8(stage, n: int, batch_size: int, seed: int, num_classes: int |
         cond = labels[start:start + b] if labels is not None else None
         if prompts is not None:
             cond = list(prompts[start:start + b])
-        x = stage.sample(b, condition=cond, seed=batch_seed(seed, i))
+        x = stage.sample(b, condition=cond, seed=batch_seed(seed, i), **(options or {}))
         if x.shape[0] != b or x.dim() != 4 or x.shape[1] != 3:
             raise EvaluationError(f"stage '{stage.name}'.sample({b}) returned shape {tuple(x.shape)}; "
                                   f"expected [{b}, 3, H, W] in [-1, 1]")

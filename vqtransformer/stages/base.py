@@ -9,6 +9,7 @@ discriminator for GAN stages). Everything else is plain tensors and dicts.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,26 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from vqtransformer.training.checkpoint import CheckpointError, load_module_state
+
+
+def lr_schedule(schedule: str, warmup_steps: int, max_steps: int, min_ratio: float = 0.0,
+                key: str = "transformer.schedule"):
+    """Learning-rate factor of step: linear warmup over ``warmup_steps``, then ``constant`` or a ``cosine``
+    decay to ``min_ratio`` at ``max_steps`` (taming: constant, no warmup). ``key`` names the config key."""
+    if schedule not in ("cosine", "constant"):
+        from vqtransformer.config import ConfigError
+
+        raise ConfigError(f"{key}='{schedule}' must be cosine or constant")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 @dataclass

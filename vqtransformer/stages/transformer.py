@@ -40,7 +40,7 @@ from vqtransformer.models.conditioning import (
 )
 from vqtransformer.models.gpt import GPT, for_cpu_inference
 from vqtransformer.sampling.autoregressive import SamplingParams, make_generator, sample
-from vqtransformer.stages.base import OptimizerSpec, Stage
+from vqtransformer.stages.base import OptimizerSpec, Stage, lr_schedule
 from vqtransformer.stages.vqgan import colorize
 
 
@@ -80,22 +80,6 @@ def record_first_stage(cfg: DictConfig, first_stage: nn.Module) -> dict[str, Any
         if "transformer" in cfg and cfg.transformer.get("vocab_size") is None:
             cfg.transformer.vocab_size = first_stage_vocab(first_stage)
     return record
-
-
-def lr_schedule(schedule: str, warmup_steps: int, max_steps: int):
-    """Linear warmup, then ``cosine`` decay to 0 at ``max_steps`` or ``constant`` (taming: constant, no warmup)."""
-    if schedule not in ("cosine", "constant"):
-        raise ConfigError(f"transformer.schedule='{schedule}' must be cosine or constant")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class TransformerStage(Stage):

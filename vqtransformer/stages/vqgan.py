@@ -15,7 +15,7 @@ from vqtransformer.losses.perceptual import build_lpips
 from vqtransformer.models.conditioning import one_hot_map
 from vqtransformer.models.vqgan import VQModel
 from vqtransformer.modules.discriminator import NLayerDiscriminator
-from vqtransformer.stages.base import OptimizerSpec, Stage
+from vqtransformer.stages.base import OptimizerSpec, Stage, lr_schedule
 from vqtransformer.training.checkpoint import load, load_module_state
 
 
@@ -122,7 +122,13 @@ class VQGANStage(Stage):
         if self.perceptual is not None:
             self.perceptual.to(accelerator.device, memory_format=torch.channels_last if cl else torch.preserve_format)
         clip = self.grad_clip()
-        return [OptimizerSpec("generator", opt_ae, [self.vqgan], grad_clip=clip),
+        # the generator's schedule (taming: constant); the discriminator keeps its constant lr
+        fs = self.cfg.first_stage
+        factor = lr_schedule(str(fs.get("lr_schedule", "constant")), int(fs.get("warmup_steps", 0) or 0),
+                             int(self.cfg.trainer.max_steps), float(fs.get("min_lr_ratio", 0.0) or 0.0),
+                             key="first_stage.lr_schedule")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, factor)
+        return [OptimizerSpec("generator", opt_ae, [self.vqgan], scheduler=sched, grad_clip=clip),
                 OptimizerSpec("discriminator", opt_disc, [self.discriminator], start_step=self.d_start,
                               grad_clip=clip)]
 
