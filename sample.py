@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import vqtransformer.config  # noqa: F401  (registers the config resolvers)
 from vqtransformer.cli import run_or_exit
@@ -70,9 +70,14 @@ def run(cfg: DictConfig) -> Path:
     if cfg.tracking_uri:  # the first stage may be a run id too
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
     data = cfg.get("data")
-    loaded = load_stage(cfg.ckpt or None, cfg.run_id, cfg.get("taming_config"),
-                        {"data": data} if data is not None else None, cfg.tracking_uri)
+    overrides = {"data": data} if data is not None else {}
+    if cfg.get("text_encoder_path"):  # a CLIP directory that moved since training
+        overrides["text_encoder.path"] = str(cfg.text_encoder_path)
+    loaded = load_stage(cfg.ckpt or None, cfg.run_id, cfg.get("taming_config"), overrides or None, cfg.tracking_uri)
     stage, path = loaded.stage, loaded.path
+    if cfg.get("text_encoder_path") and OmegaConf.select(loaded.config, "text_encoder.kind") != "clip":
+        raise ConfigError(f"text_encoder_path={cfg.text_encoder_path} is for text_encoder=clip models; {path} has "
+                          f"text_encoder={OmegaConf.select(loaded.config, 'text_encoder.kind')}")
     caps = stage.capabilities
     if "sample" not in caps:
         raise ConfigError(f"{path} is a stage={stage.name} checkpoint, which is not a generator; sample.py samples "
@@ -203,7 +208,6 @@ def _read_inpainting(cfg: DictConfig):
     ``mask``: a PNG of the image's size whose white pixels (grey value >= 128) are regenerated, or a box
     ``[x0, y0, x1, y1]`` in the image's pixels (x0 <= x < x1, y0 <= y < y1)."""
     import numpy as np
-    from omegaconf import OmegaConf
     from PIL import Image
 
     from vqtransformer.config import ConfigError

@@ -215,7 +215,13 @@ def _load_stage(path: Path, state: dict, taming_yaml: str | None, overrides: dic
         if overrides:
             with open_dict(cfg):
                 for k, v in overrides.items():
-                    cfg[k] = v
+                    if "." not in k:
+                        cfg[k] = v  # a whole group (data)
+                        continue
+                    if OmegaConf.select(cfg, k.rsplit(".", 1)[0]) is None:
+                        raise ConfigError(f"{k.replace('.', '_')}={v}: {path} was trained without "
+                                          f"{k.rsplit('.', 1)[0]} (it applies to text_encoder=clip models)")
+                    OmegaConf.update(cfg, k, v, merge=True)  # one key (text_encoder.path)
         stage = build_stage(cfg, for_inference=True, tracking_uri=tracking_uri)
         stage.load_state_dict(state["model"])
         return Loaded(stage.eval(), cfg, path, int(state.get("step", 0) or 0), state.get("mlflow_run_id"))

@@ -7,6 +7,7 @@ import json
 import string
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,6 +231,9 @@ def test_model_id_is_read_from_the_hugging_face_cache_offline(clip_dir, tmp_path
 
 
 def test_train_py_text_encoder_clip_then_sample_py_prompt(clip_dir, tmp_path):
+    import shutil
+
+    clip_dir = Path(shutil.copytree(clip_dir, tmp_path / "clip"))  # this test moves it
     vq_path = untrained_vq_checkpoint(tmp_path / "vq.ckpt")
     offline = {"HF_HUB_OFFLINE": "1", "VQT_OFFLINE": "1"}
     args = ["stage=vqdiffusion", f"first_stage.ckpt={vq_path}", "conditioning=text", "text_encoder=clip",
@@ -250,6 +254,16 @@ def test_train_py_text_encoder_clip_then_sample_py_prompt(clip_dir, tmp_path):
                        cwd=ROOT, env={**_env(), **offline})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "grid.png").is_file() and (out / "prompts.txt").read_text() == "a red circle\n"
+    # the CLIP files moved: a clear error naming the key, then sample.py text_encoder_path= finds them
+    moved = tmp_path / "moved-clip"
+    clip_dir.rename(moved)
+    sample = [sys.executable, str(ROOT / "sample.py"), f"ckpt={ckpt}", "n=2", "steps=2", "prompt=a red circle"]
+    r = subprocess.run(sample + [f"out_dir={tmp_path / 's2'}"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**_env(), **offline})
+    assert r.returncode == 2 and "text_encoder.path" in r.stderr, r.stderr[-3000:]
+    r = subprocess.run(sample + [f"out_dir={tmp_path / 's3'}", f"text_encoder_path={moved}"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT, env={**_env(), **offline})
+    assert r.returncode == 0 and (tmp_path / "s3" / "grid.png").is_file(), r.stderr[-3000:]
     # without the files: a one-line error before any training step, naming the key
     r = run_train(args[:4] + ["text_encoder.path=/nonexistent/clip"] + args[5:] +
                   [f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, env=offline)
