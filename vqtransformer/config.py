@@ -179,10 +179,16 @@ def validate_paths(cfg: DictConfig) -> None:
     from pathlib import Path
 
     dc = cfg.get("data") or {}
-    if dc.get("name") in ("folder", "cifar10") and dc.get("root"):
+    if dc.get("name") in ("folder", "cifar10", "captions") and dc.get("root"):
         root = Path(str(dc.root)).expanduser()
         if not root.is_dir():
             raise ConfigError(f"data.root: directory '{root}' does not exist; set data.root=/path/to/images")
+        captions = dc.get("captions_file") if dc.get("name") == "captions" else None
+        if captions:  # relative: to the working directory, else to data.root (data/captioned.py)
+            p = Path(str(captions)).expanduser()
+            if not (p.is_file() or (not p.is_absolute() and (root / p).is_file())):
+                raise ConfigError(f"data.captions_file: file '{captions}' does not exist (relative paths: to the "
+                                  f"working directory or to data.root '{root}')")
     for key in ("train_list", "val_list"):
         if dc.get("name") == "filelist" and dc.get(key) and not Path(str(dc[key])).expanduser().is_file():
             raise ConfigError(f"data.{key}: file list '{dc[key]}' does not exist")

@@ -238,6 +238,9 @@ def test_every_public_key_of_the_readme_has_a_schema_entry():
     (["first_stage.learning_rate=-1"], "error: first_stage.learning_rate=-1 must be > 0"),
     (["codebook.ema=maybe"], "error: codebook.ema='maybe' must be true or false"),
     (["data=folder", "data.root=/does/not/exist"], "error: data.root: directory '/does/not/exist' does not exist"),
+    (["data=captions", "data.root=/does/not/exist"], "error: data.root: directory '/does/not/exist' does not exist"),
+    (["data=captions", "data.root=.", "data.captions_file=nope.jsonl"],
+     "error: data.captions_file: file 'nope.jsonl' does not exist"),
     (["trainer.resume=/does/not/exist"], "error: trainer.resume=/does/not/exist: no checkpoint there"),
 ])
 def test_a_config_error_exits_2_in_one_line_and_leaves_no_directory_and_no_run(tmp_path, args, needle):
