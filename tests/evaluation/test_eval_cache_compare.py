@@ -61,3 +61,14 @@ def test_plot_matches_param_suffix_and_labelled_metric(tmp_path):
         r["params"] = {"stage.codebook.n_embed" if k == "codebook.n_embed" else k: v for k, v in r["params"].items()}
     assert compare.plot_metric_vs(recs, ["codebook.n_embed"], ["rfid"], tmp_path / "p.png") is not None
     assert compare.plot_metric_vs(recs, ["transformer.n_layer"], ["fid"], tmp_path / "q.png") is None
+
+
+def test_every_scored_metric_says_which_way_is_better():
+    """A sweep's table marks each metric lower/higher-is-better; a new metric without a direction would be
+    shown without an arrow and left out of the best-run answer."""
+    from vqtransformer.evaluation.protocol import FEATURE_METRICS
+
+    undirected = {"is_std", "kid_std", "class_freq_min_ratio", "class_freq_max_ratio"}  # spreads / closest-to-1
+    for name in set(FEATURE_METRICS) - undirected:
+        assert compare.direction(f"judge/{name}") in ("lower", "higher"), name
+    assert compare.direction("judge/rec_class_agreement") == "higher"

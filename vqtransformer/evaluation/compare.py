@@ -26,7 +26,7 @@ DEFAULT_PLOTS = [
 #: direction of every metric the protocol reports (by base name, the part after ``<network>/``)
 LOWER_IS_BETTER = {"rfid", "fid", "lpips", "l1", "nll", "bpd", "kid_mean", "dead_codes"}
 HIGHER_IS_BETTER = {"psnr", "ssim", "ms_ssim", "codebook_usage", "perplexity", "is_mean", "class_accuracy",
-                    "caption_shape_accuracy", "caption_colour_accuracy", "caption_accuracy"}
+                    "caption_shape_accuracy", "caption_colour_accuracy", "caption_accuracy", "rec_class_agreement"}
 #: the metrics a sweep's answer is given for, most important first (the first present is the primary one)
 HEADLINE = ("rfid", "fid", "psnr", "lpips", "ssim", "codebook_usage", "perplexity", "nll", "is_mean", "kid_mean",
             "class_accuracy", "l1", "dead_codes")
