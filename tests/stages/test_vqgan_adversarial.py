@@ -170,3 +170,28 @@ def test_generator_learning_rate_warms_up_and_decays_by_cosine_to_its_floor_whil
         gen.optimizer.step()
         gen.scheduler.step()
     assert gen.optimizer.param_groups[0]["lr"] == lr0  # the paper's presets: constant
+
+
+def test_autoencoder_betas_and_squared_pixel_loss_leave_the_discriminator_and_taming_as_they_were():
+    """first_stage.betas sets the autoencoder's Adam betas only; pixel_loss=mse is the mean squared error."""
+    class Acc:
+        device, num_processes = torch.device("cpu"), 1
+
+        def prepare(self, *objs):
+            return objs
+
+    stage = VQGANStage(compose(TINY + ["first_stage.betas=[0.9,0.99]", "first_stage.loss.pixel_loss=mse"]))
+    gen, disc = stage.setup(Acc())
+    assert gen.optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    assert disc.optimizer.param_groups[0]["betas"] == (0.5, 0.9)
+    x, xrec = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.5)
+    xrec[..., 0, 0] = 2.0
+    assert stage.reconstruction_loss(x, xrec, {}).item() == pytest.approx((15 * 0.25 + 4.0) / 16)
+    taming = VQGANStage(compose(TINY + ["first_stage=vqgan_f4", "first_stage.ch=32", "first_stage.loss.perceptual=none"]))
+    gen, disc = taming.setup(Acc())
+    assert gen.optimizer.param_groups[0]["betas"] == disc.optimizer.param_groups[0]["betas"] == (0.5, 0.9)
+    assert taming.reconstruction_loss(x, xrec, {}).item() == pytest.approx((15 * 0.5 + 2.0) / 16)  # L1
+    from vqtransformer.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="first_stage.loss.pixel_loss"):
+        validate_config(compose(["first_stage.loss.pixel_loss=l2"]))

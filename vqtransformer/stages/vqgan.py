@@ -113,7 +113,9 @@ class VQGANStage(Stage):
         if cl:
             self.vqgan.to(memory_format=torch.channels_last)
             self.discriminator.to(memory_format=torch.channels_last)
-        opt_ae = torch.optim.Adam([p for p in self.vqgan.parameters() if p.requires_grad], lr=lr, betas=betas)
+        # first_stage.betas: the autoencoder's own Adam betas (null: stage.betas, taming's (0.5, 0.9) for both)
+        ae_betas = tuple(self.cfg.first_stage.get("betas") or betas)
+        opt_ae = torch.optim.Adam([p for p in self.vqgan.parameters() if p.requires_grad], lr=lr, betas=ae_betas)
         # TTUR (Heusel et al. 2017): the discriminator may learn faster than the generator it must follow
         d_lr = lr * float(self.lc.get("disc_lr_mult", 1.0) or 1.0)
         opt_disc = torch.optim.Adam(self.discriminator.parameters(), lr=d_lr, betas=betas)
@@ -154,10 +156,13 @@ class VQGANStage(Stage):
         return x
 
     def reconstruction_loss(self, x: torch.Tensor, xrec: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Per-pixel reconstruction term: L1 (+ LPIPS) for images, cross-entropy for label maps."""
+        """Per-pixel reconstruction term: L1 (taming; ``first_stage.loss.pixel_loss=mse``: squared error)
+        (+ LPIPS) for images, cross-entropy for label maps."""
         if self.target == "segmentation":
             return F.cross_entropy(xrec.float(), batch["segmentation"].long())
-        rec = self.lc.pixelloss_weight * (x - xrec).abs().mean()
+        diff = x - xrec
+        pixel = diff.pow(2).mean() if self.lc.get("pixel_loss", "l1") == "mse" else diff.abs().mean()
+        rec = self.lc.pixelloss_weight * pixel
         if self.perceptual is not None:
             rec = rec + self.lc.perceptual_weight * self.perceptual(x, xrec).mean()
         return rec
