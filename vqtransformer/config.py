@@ -304,6 +304,8 @@ def _validate_vqgan(cfg: DictConfig) -> None:
     if target != "image":
         _require(dc.name in ("shapes", "paired_folder"),
                  f"data.target={target} needs a dataset with {target} maps (data=shapes or data=paired_folder)")
+    betas = fs.get("betas")
+    _require(betas is None or len(betas) == 2, f"first_stage.betas={betas} must be two numbers [beta1, beta2] or null")
     lc = fs.loss
     _require(lc.disc_loss in ("hinge", "vanilla"), f"first_stage.loss.disc_loss='{lc.disc_loss}' must be hinge or vanilla")
     _require(lc.perceptual in ("lpips", "none"), f"first_stage.loss.perceptual='{lc.perceptual}' must be lpips or none")

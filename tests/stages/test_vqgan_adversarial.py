@@ -195,3 +195,5 @@ def test_autoencoder_betas_and_squared_pixel_loss_leave_the_discriminator_and_ta
 
     with pytest.raises(ConfigError, match="first_stage.loss.pixel_loss"):
         validate_config(compose(["first_stage.loss.pixel_loss=l2"]))
+    with pytest.raises(ConfigError, match=r"first_stage.betas=\[0.9\] must be two numbers"):
+        validate_config(compose(["first_stage.betas=[0.9]"]))

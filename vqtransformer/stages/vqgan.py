@@ -18,6 +18,8 @@ from vqtransformer.modules.discriminator import NLayerDiscriminator
 from vqtransformer.stages.base import OptimizerSpec, Stage, lr_schedule
 from vqtransformer.training.checkpoint import load, load_module_state
 
+PIXEL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}  # first_stage.loss.pixel_loss
+
 
 def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
                     delta: float = 1e-4, max_weight: float = 1e4) -> torch.Tensor:
@@ -160,9 +162,7 @@ class VQGANStage(Stage):
         (+ LPIPS) for images, cross-entropy for label maps."""
         if self.target == "segmentation":
             return F.cross_entropy(xrec.float(), batch["segmentation"].long())
-        diff = x - xrec
-        pixel = diff.pow(2).mean() if self.lc.get("pixel_loss", "l1") == "mse" else diff.abs().mean()
-        rec = self.lc.pixelloss_weight * pixel
+        rec = self.lc.pixelloss_weight * PIXEL_LOSSES[self.lc.get("pixel_loss", "l1")](xrec, x)
         if self.perceptual is not None:
             rec = rec + self.lc.perceptual_weight * self.perceptual(x, xrec).mean()
         return rec
