@@ -147,3 +147,35 @@ def test_small_sample_count_names_the_number_needed():
         check_covariance_rank(1000, 2048, "generated samples", "error", "Set eval.num_samples>=2049.")
     assert "2049" in check_covariance_rank(1000, 2048, "generated samples", "warn", "")
     assert check_covariance_rank(2049, 2048, "x", "error", "") is None
+
+
+class _ClassNLL:
+    """A class-conditional stand-in: nll 1 per token under the image's own class (``own``), 3 under any other."""
+
+    condition_type, num_classes, T = "class", 4, 5
+
+    def __init__(self, uses_class: bool = True):
+        self.uses_class = uses_class
+
+    def nll(self, batch):
+        right = (batch["class_label"] == batch["own"]).double()[:, None].expand(-1, self.T)
+        return 3.0 - 2.0 * right if self.uses_class else torch.full(right.shape, 2.0, dtype=torch.float64)
+
+
+def _class_batches():
+    own = torch.arange(8) % 4
+    return [{"class_label": own[:4].clone(), "own": own[:4]}, {"class_label": own[4:].clone(), "own": own[4:]}]
+
+
+def test_class_information_is_the_nll_gain_of_the_true_class_per_image():
+    out = G.transformer_nll(_ClassNLL(), _class_batches(), torch.device("cpu"), num_pixels=4)
+    assert out["nll"] == pytest.approx(1.0)
+    assert out["class_information"] == pytest.approx(2.0 * _ClassNLL.T)  # every wrong class costs 2 nats per token
+    ignored = G.transformer_nll(_ClassNLL(uses_class=False), _class_batches(), torch.device("cpu"), num_pixels=4)
+    assert ignored["class_information"] == pytest.approx(0.0)
+
+
+def test_class_information_only_for_class_conditional_stages():
+    stage = _ClassNLL(uses_class=False)
+    stage.condition_type = "none"
+    assert "class_information" not in G.transformer_nll(stage, _class_batches(), torch.device("cpu"), num_pixels=4)

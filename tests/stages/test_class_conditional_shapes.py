@@ -17,9 +17,11 @@ the same for either first stage.
 from __future__ import annotations
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 from tests.conftest import run_train
 from vqtransformer.data.shapes import SHAPE_CLASSES, ShapesDataset
+from vqtransformer.evaluation.generative import transformer_nll
 from vqtransformer.loading import load_stage
 
 DATA = ["data=shapes", "data.max_objects=1", "data.object_scale=[0.3,0.45]", "data.resolution=32",
@@ -60,6 +62,11 @@ def test_class_conditional_samples_show_the_requested_shape(tmp_path):
     rec_acc = (shown_class(rec) == labels).float().mean().item()
     assert rec_acc >= 0.8, f"the map VQ model loses the class: {rec_acc:.2f} of held-out maps keep it"
 
+    # evaluate.py's class information: a wrong class must explain the maps clearly worse than the true one
+    loader = DataLoader(Subset(held_out, range(64)), batch_size=32)
+    info = transformer_nll(stage, loader, torch.device("cpu"), 32 * 32)["class_information"]
+    assert info > 0.5, f"the GPT takes {info:.3f} nats per map from its class"
+
     requested = torch.arange(len(SHAPE_CLASSES)).repeat_interleave(N_PER_CLASS)
     codes = stage.sample_codes(len(requested), requested, seed=0, cfg_scale=2.0)
     with torch.no_grad():
@@ -67,7 +74,8 @@ def test_class_conditional_samples_show_the_requested_shape(tmp_path):
     per_class = [(shown[requested == k] == k).float().mean().item() for k in range(len(SHAPE_CLASSES))]
     report = ", ".join(f"{name} {acc:.2f}" for name, acc in zip(SHAPE_CLASSES, per_class))
     accuracy = (shown == requested).float().mean().item()
-    print(f"map VQ keeps the class of {rec_acc:.3f} of held-out maps; samples show the requested class: "
+    print(f"map VQ keeps the class of {rec_acc:.3f} of held-out maps; class information {info:.3f} nats per map; "
+          f"samples show the requested class: "
           f"{accuracy:.3f} ({report})")
     # chance is 1/6: most samples must show the requested class, and every class more often than chance
     assert accuracy >= 0.6, f"samples show the requested class {accuracy:.2f} of the time ({report})"
