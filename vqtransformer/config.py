@@ -97,6 +97,7 @@ SCHEMA: dict[str, tuple] = {
     "codebook.dead_after": ("int", 1, None), "codebook.usage_window": ("int", 1, None), "codebook.init": ("str", None, None),
     "codebook.kind": ("choice", ("vq", "fsq", "lfq"), None), "codebook.levels": ("list[int]?", 2, None),
     "codebook.entropy_weight": ("float", 0.0, None), "codebook.diversity_gamma": ("float", 0.0, None),
+    "codebook.decorrelation_weight": ("float", 0.0, None), "codebook.marginal_entropy_weight": ("float", 0.0, None),
     "transformer.n_layer": ("int", 1, None), "transformer.n_head": ("int", 1, None), "transformer.n_embd": ("int", 1, None),
     "transformer.block_size": ("int", 1, None), "transformer.embd_pdrop": ("float", 0.0, 0.999),
     "transformer.resid_pdrop": ("float", 0.0, 0.999), "transformer.attn_pdrop": ("float", 0.0, 0.999),

@@ -113,3 +113,42 @@ def test_vq_presets_differ_only_in_size():
             for k in ("k256", "k1024", "k4096", "k16384")}
     varying = {key for key in flat["k256"] if len({str(f[key]) for f in flat.values()}) > 1}
     assert varying == {"n_embed"}
+
+
+def test_decorrelation_and_marginal_entropy_gap_are_zero_exactly_when_the_codes_spread():
+    from vqtransformer.modules.scalar_quantize import decorrelation, marginal_entropy_gap
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(50_000, 3, generator=g)
+    assert float(decorrelation(u)) < 1e-3
+    assert float(decorrelation(torch.cat([u[:, :1], -2 * u[:, :1]], 1))) == pytest.approx(1.0, abs=1e-4)
+    mixed = torch.stack([u[:, 0], u[:, 0] + u[:, 1]], 1)  # corr 1/sqrt(2)
+    assert float(decorrelation(mixed)) == pytest.approx(0.5, abs=0.02)
+    levels = [8, 5, 3]
+    uniform = torch.stack([torch.randint(-(L // 2), (L - 1) // 2 + 1, (50_000,), generator=g).float() for L in levels], 1)
+    assert float(marginal_entropy_gap(uniform, levels)) < 1e-3
+    assert float(marginal_entropy_gap(torch.zeros(1000, 3), levels)) > 0.5  # every token on the middle level
+
+
+def test_spread_penalty_is_off_at_zero_weights_and_spreads_the_codes_it_trains():
+    """Weights 0 = the papers' FSQ (loss exactly 0); with the penalty alone as the objective on correlated
+    channels (4 factors mixed into 8), FSQ's project_in learns decorrelated, spread channels that use many more
+    of the 1000 codes, and LFQ's bits decorrelate while the entropy term keeps every code in use."""
+    assert float(FSQuantizer([8, 5, 5, 5], 8)(torch.randn(2, 8, 4, 4))[1]) == 0.0
+    torch.manual_seed(0)
+    z = (torch.randn(4096, 4) @ torch.randn(4, 8)).T.reshape(8, 64, 64).unsqueeze(0)
+    for q, more in ((FSQuantizer([8, 5, 5, 5], 8, decorrelation_weight=1.0, marginal_entropy_weight=1.0), 2.0),
+                    (LFQuantizer(16, 8, decorrelation_weight=1.0, entropy_weight=0.1), 1.0)):
+        q.train()
+        with torch.no_grad():
+            _, _, before = q(z)
+        opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+        for _ in range(200):
+            opt.zero_grad()
+            q(z)[1].backward()
+            opt.step()
+        with torch.no_grad():
+            _, _, after = q(z)
+        assert float(after["spread"]) < 0.1 * float(before["spread"]), q.kind
+        used_before, used_after = int((before["counts"] > 0).sum()), int((after["counts"] > 0).sum())
+        assert used_after >= min(more * used_before, q.n_embed), (q.kind, used_before, used_after)
