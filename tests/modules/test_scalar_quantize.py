@@ -152,3 +152,22 @@ def test_spread_penalty_is_off_at_zero_weights_and_spreads_the_codes_it_trains()
         assert float(after["spread"]) < 0.1 * float(before["spread"]), q.kind
         used_before, used_after = int((before["counts"] > 0).sum()), int((after["counts"] > 0).sum())
         assert used_after >= min(more * used_before, q.n_embed), (q.kind, used_before, used_after)
+
+
+@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [8, 8, 8, 6, 5], [2, 4, 3]], ids=["fsq_1k", "fsq_16k", "levels-of-2"])
+def test_bounded_rounds_to_the_library_codes(levels):
+    """The penalty acts on what FSQ rounds: round(bounded(z)) + L // 2 is the level index of every channel of the
+    library's own code (its ``bound`` / ``symmetry_preserving_bound``), so a library change that moves the bound
+    fails here instead of silently penalising the wrong quantity."""
+    torch.manual_seed(0)
+    q = FSQuantizer(levels, 8).eval()
+    z = 2 * torch.randn(4, 8, 16, 16)
+    with torch.no_grad():
+        _, _, info = q(z)
+        u = q.bounded(z)
+    library = q.fsq.indices_to_level_indices(info["indices"].reshape(-1))  # [N, d]
+    ours = u.round() + torch.tensor(levels) // 2
+    clear = ((u - u.floor()) - 0.5).abs() > 1e-4  # away from a rounding boundary (float op order may differ)
+    assert float(clear.float().mean()) > 0.999
+    assert torch.equal(ours[clear].long(), library[clear].long())
+    assert len({int(v) for v in ours[:, 0].unique()}) == levels[0]  # every level of the first channel occurs

@@ -119,10 +119,13 @@ class FSQuantizer(_CodeUsage):
         self._init_usage(self.n_embed, usage_window, dead_after)
 
     def bounded(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, D, H, W] -> [B*H*W, d]: the channels FSQ rounds, in level units, before rounding (FSQ.bound
-        without its round)."""
+        """[B, D, H, W] -> [B*H*W, d]: the channels FSQ rounds, before rounding, in level units centred so that
+        round(u) + L // 2 is the channel's level index (the library's ``bound`` without its round; with levels
+        of 2, its ``symmetry_preserving_bound`` without its floor). Pinned to the library's codes by a test."""
         u = self.fsq.project_in(z.float().permute(0, 2, 3, 1).reshape(-1, self.embed_dim))
         lv = self.fsq._levels.to(u.dtype)
+        if self.fsq.preserve_symmetry:  # level index = floor((L - 1) (tanh u + 1) / 2 + 0.5)
+            return (lv - 1) * (torch.tanh(u) + 1) / 2 - self.fsq._levels // 2
         half_l, offset = (lv - 1) * (1 + 1e-3) / 2, torch.where(self.fsq._levels % 2 == 0, 0.5, 0.0).to(u.dtype)
         return torch.tanh(u + torch.atanh(offset / half_l)) * half_l - offset
 
